@@ -1,0 +1,203 @@
+"""The ``token-broker`` command line: serve, check-config, token, dev-issuer."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import structlog
+
+from broker import __version__, logs
+from broker.errors import BrokerError, ConfigError
+from broker.loader import Loaded, load
+
+# Exit codes, documented in the README.
+OK, FAILED, USAGE, UNREACHABLE = 0, 1, 2, 3
+DEFAULT_SOCKET = "/tmp/token-broker.sock"  # noqa: S108 - matches the config default
+
+log = structlog.get_logger("broker.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.run
+
+    return command(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="token-broker",
+        description="Fetch, refresh and serve OAuth 2.0 client-credentials tokens.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], text: str) -> Any:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument(
+            "--log-level",
+            choices=["debug", "info", "warning", "error"],
+            help="override log.level from the config",
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    serve = command("serve", _serve, "run the broker in the foreground")
+    serve.add_argument("-c", "--config", required=True, help="config file (YAML)")
+
+    check = command("check-config", _check, "validate a config file and describe it")
+    check.add_argument("-c", "--config", required=True, help="config file (YAML)")
+
+    token = command("token", _token, "print a token from a running broker")
+    token.add_argument("client", help="the client's name in the config")
+    where = token.add_mutually_exclusive_group()
+    where.add_argument("--socket", help=f"broker socket (default {DEFAULT_SOCKET})")
+    where.add_argument("--url", help="broker TCP URL, e.g. http://127.0.0.1:8181")
+    where.add_argument("-c", "--config", help="take the socket path from this config")
+    token.add_argument("--format", choices=["raw", "json", "header"], default="raw")
+    token.add_argument("--min-ttl", type=float, help="seconds the token must live")
+
+    dev = command("dev-issuer", _dev_issuer, "run only the config's dev_issuer")
+    dev.add_argument("-c", "--config", required=True, help="config file (YAML)")
+
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Loaded | None:
+    try:
+        return load(args.config, os.environ)
+    except ConfigError as exc:
+        print(f"token-broker: config error: {exc}", file=sys.stderr)
+        return None
+
+
+def _configure_logs(args: argparse.Namespace, loaded: Loaded | None) -> None:
+    level = args.log_level or (loaded.config.log.level if loaded else "info")
+    fmt = loaded.config.log.format if loaded else "auto"
+    # Daemons log to stdout (container log collectors read it); one-shot
+    # commands keep stdout for their answer and log to stderr.
+    daemon = args.run in (_serve, _dev_issuer)
+    logs.configure(level, fmt, sys.stdout if daemon else sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if loaded is None:
+        return USAGE
+    _configure_logs(args, loaded)
+    for kind, client in loaded.warnings:
+        log.warning(f"config.{kind}", client=client, file=loaded.path)
+
+    from broker.server import install_signals, serve
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        install_signals(asyncio.get_running_loop(), stop)
+        await serve(loaded.config, stop)
+
+    return _run_daemon(run)
+
+
+def _dev_issuer(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if loaded is None:
+        return USAGE
+    settings = loaded.config.dev_issuer
+    if settings is None:
+        print(f"token-broker: {args.config} has no dev_issuer block", file=sys.stderr)
+        return USAGE
+    _configure_logs(args, loaded)
+
+    from broker import devissuer
+    from broker.server import install_signals
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        install_signals(asyncio.get_running_loop(), stop)
+        server = await devissuer.start(settings)
+        try:
+            await stop.wait()
+        finally:
+            await server.close()
+
+    return _run_daemon(run)
+
+
+def _run_daemon(run: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(run())
+    except (BrokerError, OSError) as exc:
+        log.error("broker.start_failed", error=str(exc))
+        return FAILED
+
+    return OK
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return factory
+    return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if loaded is None:
+        return USAGE
+
+    from broker.describe import describe
+
+    print(describe(loaded))
+    return OK
+
+
+def _token(args: argparse.Namespace) -> int:
+    from broker.client import BrokerUnreachable, ask_token
+
+    socket_path = args.socket
+    if args.config:
+        loaded = _load(args)
+        if loaded is None:
+            return USAGE
+        socket_path = loaded.config.listen.unix
+        if socket_path is None:
+            print("token-broker: that config has no unix socket", file=sys.stderr)
+            return USAGE
+    if args.url is None and socket_path is None:
+        socket_path = os.environ.get("TOKEN_BROKER_SOCKET", DEFAULT_SOCKET)
+
+    try:
+        answer = asyncio.run(
+            ask_token(
+                args.client, socket_path=socket_path, url=args.url, min_ttl=args.min_ttl
+            )
+        )
+    except BrokerUnreachable as exc:
+        print(f"token-broker: {exc}", file=sys.stderr)
+        return UNREACHABLE
+
+    if answer.status != 200:
+        message = answer.body.get("message") or f"status {answer.status}"
+        print(f"token-broker: {args.client}: {message}", file=sys.stderr)
+        return FAILED
+
+    token = str(answer.body.get("access_token", ""))
+    if args.format == "json":
+        print(answer.raw)
+    elif args.format == "header":
+        print(f"Authorization: Bearer {token}")
+    else:
+        print(token)
+
+    return OK

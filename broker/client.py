@@ -1,0 +1,69 @@
+"""Ask a running broker for a token (the ``token-broker token`` command)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import aiohttp
+
+from broker.guard import HEADER
+
+
+class BrokerUnreachable(Exception):
+    """No broker answers at the given socket or URL."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The broker's answer: status and the decoded body."""
+
+    status: int
+    body: dict[str, object]
+    raw: str
+
+
+async def ask_token(
+    client: str,
+    *,
+    socket_path: str | None = None,
+    url: str | None = None,
+    min_ttl: float | None = None,
+    timeout: float = 15.0,
+) -> Answer:
+    """GET the client's token as JSON over the socket or the TCP URL."""
+    params = {} if min_ttl is None else {"min_ttl": f"{min_ttl:g}"}
+    base = url.rstrip("/") if url else "http://localhost"
+    connector: aiohttp.BaseConnector | None = None
+    if url is None:
+        assert socket_path is not None
+        connector = aiohttp.UnixConnector(path=socket_path)
+    where = url or socket_path
+
+    try:
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as session, session.get(
+            f"{base}/v1/tokens/{client}",
+            params=params,
+            headers={HEADER: "1", "Accept": "application/json"},
+            allow_redirects=False,
+        ) as response:
+            text = await response.text()
+            status = response.status
+    except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:
+        raise BrokerUnreachable(f"no broker answers at {where} ({_why(exc)})") from None
+
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = {}
+
+    return Answer(status, body if isinstance(body, dict) else {}, text)
+
+
+def _why(exc: BaseException) -> str:
+    cause = getattr(exc, "os_error", None) or exc
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return type(exc).__name__

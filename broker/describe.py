@@ -1,0 +1,97 @@
+"""The summary ``token-broker check-config`` prints: what a config will do.
+
+It says where every secret comes from and never what it is.
+"""
+
+from __future__ import annotations
+
+from broker.config import Client, Config, HostPort
+from broker.loader import Loaded
+
+_INDENT = "  "
+
+
+def describe(loaded: Loaded) -> str:
+    """Render listeners, clients and warnings of ``loaded`` as aligned text."""
+    config = loaded.config
+    lines = [f"config {loaded.path}", "", "listeners"]
+    lines += _table(_listeners(config))
+
+    lines += ["", f"clients ({len(config.clients)})"]
+    blocks = {name: _client_rows(config, spec) for name, spec in config.clients.items()}
+    width = max(len(label) for rows in blocks.values() for label, _ in rows)
+    for name, rows in blocks.items():
+        lines.append(f"{_INDENT}{name}")
+        lines += _table(rows, depth=2, width=width)
+
+    if loaded.warnings:
+        lines.append("")
+    for kind, name in loaded.warnings:
+        lines.append(_warning(kind, name))
+
+    return "\n".join(lines) + "\n"
+
+
+def _listeners(config: Config) -> list[tuple[str, str]]:
+    listen = config.listen
+    unix = "off"
+    if listen.unix is not None:
+        unix = f"{listen.unix} (mode {listen.unix_mode:04o})"
+    rows = [
+        ("token API (http)", _address(listen.http)),
+        ("token API (unix)", unix),
+        ("metrics", _address(listen.metrics)),
+    ]
+    if config.dev_issuer is not None:
+        rows.append(("dev issuer", _address(config.dev_issuer.listen)))
+
+    return rows
+
+
+def _address(address: HostPort | None) -> str:
+    return "off" if address is None else f"http://{address}"
+
+
+def _client_rows(config: Config, client: Client) -> list[tuple[str, str]]:
+    environment = config.environments[client.environment]
+    source = client.client_secret
+    rows = [
+        ("environment", client.environment),
+        ("token URL", environment.token_url),
+        ("client id", client.client_id),
+        ("scopes", " ".join(client.scopes) or "(none)"),
+        ("auth", client.auth),
+        ("encoding", client.encoding),
+        ("required", "yes" if client.required else "no"),
+        ("secret", "none" if source is None else source.describe()),
+    ]
+    if environment.ca_file is not None:
+        rows.append(("CA bundle", environment.ca_file))
+    if client.audience is not None:
+        rows.append(("audience", client.audience))
+    resources = client.resource
+    if isinstance(resources, str):
+        resources = (resources,)
+    if resources:
+        rows.append(("resource", " ".join(resources)))
+    if client.params:
+        # Names only: an extra parameter may carry something private.
+        rows.append(("extra params", ", ".join(sorted(client.params))))
+
+    return rows
+
+
+def _table(rows: list[tuple[str, str]], depth: int = 1, width: int = 0) -> list[str]:
+    width = max(width, *(len(label) for label, _ in rows))
+    indent = _INDENT * depth
+
+    return [f"{indent}{label.ljust(width)}  {value}" for label, value in rows]
+
+
+def _warning(kind: str, client: str) -> str:
+    if kind == "literal_secret":
+        return (
+            f"warning: client {client}: literal secret in the config file; "
+            "use {env: NAME} or {file: PATH}"
+        )
+    return f"warning: client {client}: {kind}"

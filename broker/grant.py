@@ -1,0 +1,305 @@
+"""One client-credentials token request, as pure functions (RFC 6749 4.4).
+
+Building the request and reading the answer do no I/O, so every issuer
+behaviour can be tested from bytes. :mod:`broker.issuer` sends and receives.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import parse_qsl, quote_plus, urlencode
+
+from broker import __version__
+from broker.config import Client
+from broker.errors import IssuerError
+from broker.secret import Secret
+from broker.token import Grant
+
+# RFC 6749 5.2 plus RFC 8707's invalid_target: the only issuer-chosen words
+# that may become a metric label, so label values stay bounded.
+OAUTH_ERRORS = frozenset(
+    {
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "invalid_target",
+    }
+)
+REASONS = OAUTH_ERRORS | {
+    "http_3xx",
+    "http_4xx",
+    "http_5xx",
+    "rate_limited",
+    "timeout",
+    "connection",
+    "tls",
+    "malformed_response",
+    "secret_unreadable",
+    "internal_error",
+}
+_USER_AGENT = f"token-broker/{__version__}"
+_TAG = re.compile(r"<[^>]*>")
+_SPACE = re.compile(r"\s+")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """A ready-to-send token request; headers and body hold the secret."""
+
+    url: str
+    headers: Mapping[str, str] = field(repr=False)
+    body: bytes = field(repr=False)
+
+
+def build_request(client: Client, url: str, secret: Secret) -> TokenRequest:
+    """Build the POST for ``client`` with its current ``secret``."""
+    params: dict[str, Any] = {"grant_type": "client_credentials"}
+    headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
+
+    if client.auth == "client_secret_basic":
+        headers["Authorization"] = basic_credentials(client.client_id, secret)
+    else:
+        params["client_id"] = client.client_id
+        params["client_secret"] = secret.reveal()
+    if client.scopes:
+        params["scope"] = " ".join(client.scopes)
+    if client.audience is not None:
+        params["audience"] = client.audience
+    if client.resource is not None:
+        params["resource"] = client.resource
+    params.update(client.params)
+
+    if client.encoding == "json":
+        headers["Content-Type"] = "application/json"
+        body = json.dumps(params).encode()
+    else:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        body = urlencode(params, doseq=True).encode()
+
+    return TokenRequest(url, headers, body)
+
+
+def basic_credentials(client_id: str, secret: Secret) -> str:
+    """HTTP Basic value; RFC 6749 2.3.1 form-encodes both parts first."""
+    pair = f"{quote_plus(client_id)}:{quote_plus(secret.reveal())}"
+    return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+
+def parse_response(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    wall_now: float,
+    redact: Iterable[str] = (),
+) -> Grant:
+    """Read a token response; raise :class:`IssuerError` for any failure.
+
+    ``redact`` lists values (the secret) to scrub from any preview of the
+    body that ends up in the error message.
+    """
+    content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
+    document = _decode(body, content_type)
+
+    if 200 <= status < 300:
+        if document is None:
+            raise IssuerError(
+                "malformed_response",
+                f"status {status} with a body that is neither JSON nor a form: "
+                f"{preview(body, redact)}",
+                status=status,
+            )
+        return _read_grant(document, status)
+
+    raise _classify(status, headers, document, body, wall_now, redact)
+
+
+def _decode(body: bytes, content_type: str) -> dict[str, Any] | None:
+    text = body.decode("utf-8", errors="replace").strip()
+    if content_type == "application/x-www-form-urlencoded":
+        pairs = parse_qsl(text, keep_blank_values=True)
+        return dict(pairs) if pairs else None
+    if not text.startswith("{"):
+        return None
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return None
+
+    return document if isinstance(document, dict) else None
+
+
+def _read_grant(document: Mapping[str, Any], status: int) -> Grant:
+    token = document.get("access_token")
+    if not isinstance(token, str) or not token.strip():
+        raise IssuerError(
+            "malformed_response",
+            f"status {status} without an access_token",
+            status=status,
+        )
+
+    token_type = document.get("token_type")
+    if token_type is not None and (
+        not isinstance(token_type, str) or token_type.lower() != "bearer"
+    ):
+        # A DPoP or MAC token is bound to a key we do not hold: serving it as
+        # a bearer token would fail at every API (RFC 9449 section 5).
+        shown = _clean(str(token_type))[:40]
+        raise IssuerError(
+            "malformed_response",
+            f"token_type {shown!r} is not Bearer; only bearer tokens are served",
+            status=status,
+        )
+
+    scope = document.get("scope")
+    if isinstance(scope, list):
+        scope = " ".join(str(item) for item in scope)
+    elif isinstance(scope, str):
+        scope = " ".join(scope.replace(",", " ").split())
+    else:
+        scope = None
+
+    return Grant(Secret(token), read_expires_in(document.get("expires_in")), scope)
+
+
+def read_expires_in(value: object) -> float | None:
+    """Normalise ``expires_in``; ``None`` when the issuer gave no usable value.
+
+    Missing, ``null`` and ``0`` mean "not given" (some servers send 0 for
+    "no expiry"); floats are floored. Negative or non-numeric values are a
+    broken issuer and raise.
+    """
+    if value is None or isinstance(value, bool):
+        if isinstance(value, bool):
+            raise IssuerError("malformed_response", "expires_in is a boolean")
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise IssuerError(
+                "malformed_response", "expires_in is not a number"
+            ) from None
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise IssuerError("malformed_response", "expires_in is not a number")
+    if value < 0:
+        raise IssuerError("malformed_response", "expires_in is negative")
+
+    seconds = math.floor(value)
+
+    return float(seconds) if seconds > 0 else None
+
+
+def _classify(
+    status: int,
+    headers: Mapping[str, str],
+    document: Mapping[str, Any] | None,
+    body: bytes,
+    wall_now: float,
+    redact: Iterable[str],
+) -> IssuerError:
+    code = document.get("error") if document else None
+    code = code if isinstance(code, str) and code in OAUTH_ERRORS else None
+    detail = (
+        _scrub(_description(document), redact) if document else preview(body, redact)
+    )
+    retry_after = parse_retry_after(headers.get("Retry-After"), wall_now)
+
+    if status == 429:
+        return IssuerError(
+            "rate_limited",
+            f"status 429 (too many requests){_suffix(detail)}",
+            status=status,
+            retry_after=retry_after,
+        )
+    if status >= 500:
+        return IssuerError(
+            "http_5xx",
+            f"status {status}{_suffix(code or detail)}",
+            status=status,
+            retry_after=retry_after,
+        )
+    if status == 408:
+        return IssuerError("timeout", "status 408 (request timeout)", status=status)
+    if 300 <= status < 400:
+        # A redirected POST would carry the secret to wherever it points.
+        return IssuerError(
+            "http_3xx",
+            f"status {status} redirect not followed; configure the final URL",
+            status=status,
+            permanent=True,
+        )
+    if code is None and status == 401:
+        code = "invalid_client"
+
+    reason = code or "http_4xx"
+    message = f"status {status}: {code or 'client error'}{_suffix(detail)}"
+
+    return IssuerError(
+        reason, message, status=status, permanent=True, retry_after=retry_after
+    )
+
+
+def _description(document: Mapping[str, Any]) -> str:
+    text = document.get("error_description")
+    if isinstance(text, str) and text:
+        return _clean(text)[:200]
+    error = document.get("error")
+    return _clean(str(error))[:60] if error is not None else ""
+
+
+def _suffix(detail: str) -> str:
+    return f" ({detail})" if detail else ""
+
+
+def _clean(text: str) -> str:
+    return _SPACE.sub(" ", _UNPRINTABLE.sub(" ", text)).strip()
+
+
+def preview(body: bytes, redact: Iterable[str] = (), size: int = 80) -> str:
+    """Return a short single-line preview of a body for an error message.
+
+    Markup is stripped (an HTML error page from a proxy says most in its
+    text) and any of the ``redact`` values is masked.
+    """
+    text = body[:4096].decode("utf-8", errors="replace")
+    text = _scrub(_clean(_TAG.sub(" ", text)), redact)
+    if not text:
+        return "empty body"
+
+    return repr(text[:size] + ("…" if len(text) > size else ""))
+
+
+def _scrub(text: str, redact: Iterable[str]) -> str:
+    for value in redact:
+        if value:
+            text = text.replace(value, "[redacted]")
+    return text
+
+
+def parse_retry_after(value: str | None, wall_now: float) -> float | None:
+    """Read ``Retry-After`` as seconds (RFC 9110 10.2.3: delay or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+
+    return max(0.0, moment.timestamp() - wall_now)

@@ -1,0 +1,82 @@
+"""Prometheus metrics on an explicit registry (never the process default)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from broker import __version__
+
+_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the broker exports; label values are bounded by config."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.refresh = Counter(
+            "token_broker_refresh",
+            "Token requests to issuers, by result and failure reason.",
+            ["client", "environment", "result", "reason"],
+            registry=self.registry,
+        )
+        self.refresh_duration = Histogram(
+            "token_broker_refresh_duration_seconds",
+            "Time one token request to the issuer took.",
+            ["client"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.expiry = Gauge(
+            "token_broker_token_expiry_timestamp_seconds",
+            "Unix time at which the held token expires.",
+            ["client"],
+            registry=self.registry,
+        )
+        self.failures = Gauge(
+            "token_broker_consecutive_failures",
+            "Failed token requests since the last success.",
+            ["client"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "token_broker_token_requests",
+            "Token requests served to local callers, by listener and result.",
+            ["client", "listener", "result"],
+            registry=self.registry,
+        )
+        self.build = Info(
+            "token_broker_build", "Version of token-broker.", registry=self.registry
+        )
+        self.build.info({"version": __version__})
+
+    def add_client(self, client: str) -> None:
+        """Create a client's series at zero so dashboards see it from start."""
+        self.failures.labels(client).set(0)
+        self.refresh_duration.labels(client)
+
+    def refreshed(
+        self, client: str, environment: str, duration: float, expires_wall: float
+    ) -> None:
+        """Record a successful token request."""
+        self.refresh.labels(client, environment, "success", "none").inc()
+        self.refresh_duration.labels(client).observe(duration)
+        self.expiry.labels(client).set(expires_wall)
+        self.failures.labels(client).set(0)
+
+    def refresh_failed(
+        self,
+        client: str,
+        environment: str,
+        reason: str,
+        duration: float,
+        failures: int,
+    ) -> None:
+        """Record a failed token request and its classified reason."""
+        self.refresh.labels(client, environment, "failure", reason).inc()
+        self.refresh_duration.labels(client).observe(duration)
+        self.failures.labels(client).set(failures)
+
+    def served(self, client: str, listener: str, result: str) -> None:
+        """Count one token handed out (or refused) to a local caller."""
+        self.requests.labels(client, listener, result).inc()

@@ -1,0 +1,150 @@
+"""The daemon's lifecycle: start listeners and clients, stop them cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from broker import __version__, api, metrics_app, unixsock
+from broker.clock import SystemClock
+from broker.config import Config
+from broker.issuer import IssuerClient
+from broker.metrics import Metrics
+from broker.registry import Registry, issuer_fetch
+
+log = structlog.get_logger("broker.server")
+
+
+@dataclass
+class Listeners:
+    """What is bound, for the start-up log line and for tests."""
+
+    http: str | None = None
+    unix: str | None = None
+    metrics: str | None = None
+    runners: list[web.AppRunner] = field(default_factory=list)
+    socket_identity: tuple[int, int] | None = None
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    """Run the broker until ``stop`` is set; raises BrokerError on start-up."""
+    clock = SystemClock()
+    metrics = Metrics()
+
+    async with contextlib.AsyncExitStack() as stack:
+        if config.dev_issuer is not None:
+            from broker import devissuer
+
+            issuer_server = await devissuer.start(config.dev_issuer)
+            stack.push_async_callback(issuer_server.close)
+
+        session = await stack.enter_async_context(_client_session())
+        registry = Registry(
+            config,
+            issuer_fetch(IssuerClient(session), config),
+            clock=clock,
+            metrics=metrics,
+        )
+        listeners = Listeners()
+        stack.push_async_callback(_close_listeners, listeners, config)
+        await _listen(config, registry, metrics, clock, listeners)
+
+        registry.start()
+        stack.push_async_callback(registry.stop)
+        watcher = asyncio.create_task(clock.watch_suspend(), name="suspend-watch")
+        stack.callback(watcher.cancel)
+
+        log.info(
+            "broker.started",
+            version=__version__,
+            pid=os.getpid(),
+            http=listeners.http,
+            unix=listeners.unix,
+            metrics=listeners.metrics,
+            clients=sorted(config.clients),
+        )
+        await stop.wait()
+        log.info("broker.stopping", drain_timeout=config.listen.drain_timeout)
+
+    log.info("broker.stopped")
+
+
+@contextlib.asynccontextmanager
+async def _client_session() -> AsyncIterator[aiohttp.ClientSession]:
+    # trust_env: HTTPS_PROXY / NO_PROXY are honoured, as users expect.
+    connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=60)
+    async with aiohttp.ClientSession(connector=connector, trust_env=True) as session:
+        yield session
+
+
+async def _listen(
+    config: Config,
+    registry: Registry,
+    metrics: Metrics,
+    clock: SystemClock,
+    listeners: Listeners,
+) -> None:
+    listen = config.listen
+    drain = listen.drain_timeout
+
+    async def runner_for(app: web.Application) -> web.AppRunner:
+        runner = web.AppRunner(app, shutdown_timeout=drain, access_log=None)
+        await runner.setup()
+        listeners.runners.append(runner)
+        return runner
+
+    if listen.http is not None:
+        app = api.create_app(registry, metrics, clock, listener="tcp")
+        runner = await runner_for(app)
+        site = web.TCPSite(runner, listen.http.host, listen.http.port)
+        await site.start()
+        listeners.http = _bound(runner)
+    if listen.unix is not None:
+        sock, identity = unixsock.bind(listen.unix, listen.unix_mode)
+        listeners.socket_identity = identity
+        listeners.unix = listen.unix
+        app = api.create_app(registry, metrics, clock, listener="unix")
+        runner = await runner_for(app)
+        await web.SockSite(runner, sock).start()
+    if listen.metrics is not None:
+        runner = await runner_for(metrics_app.create_app(registry, metrics))
+        site = web.TCPSite(runner, listen.metrics.host, listen.metrics.port)
+        await site.start()
+        listeners.metrics = _bound(runner)
+
+
+def _bound(runner: web.AppRunner) -> str:
+    """The address a runner's TCP site really bound, port 0 resolved."""
+    host, port = runner.addresses[0][:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _close_listeners(listeners: Listeners, config: Config) -> None:
+    """Stop accepting, let requests in flight finish, remove the socket."""
+    try:
+        await asyncio.gather(*(runner.cleanup() for runner in listeners.runners))
+    finally:
+        if config.listen.unix and listeners.socket_identity:
+            unixsock.remove(config.listen.unix, listeners.socket_identity)
+
+
+def install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """SIGTERM / SIGINT ask for a graceful stop; a second one exits at once."""
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("broker.forced_exit", signal=signal.Signals(signum).name)
+            os._exit(1)
+        log.info("broker.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)

@@ -1,0 +1,86 @@
+"""The Unix socket listener: restrictive from birth, never stolen or leaked."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+
+from broker.errors import BrokerError
+
+BACKLOG = 512
+
+
+class SocketError(BrokerError):
+    """The socket path cannot be used; says why."""
+
+
+def bind(path: str, mode: int) -> tuple[socket.socket, tuple[int, int]]:
+    """Listen at ``path`` with ``mode``; return the socket and its identity.
+
+    The umask is narrowed around ``bind`` so the socket never exists with a
+    wider mode than owner-only, then widened to ``mode`` (group access at
+    most). A stale socket of a dead broker is replaced; a live one, or any
+    other kind of file, is left alone and reported.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise SocketError(f"the socket's directory {directory} does not exist")
+    _clear_stale(path)
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise SocketError(f"cannot listen on {path}: {exc.strerror}") from None
+    finally:
+        os.umask(previous)
+
+    os.chmod(path, mode)
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    info = os.lstat(path)
+
+    return sock, (info.st_dev, info.st_ino)
+
+
+def remove(path: str, identity: tuple[int, int]) -> None:
+    """Remove ``path`` if it is still the socket we created."""
+    with contextlib.suppress(FileNotFoundError):
+        info = os.lstat(path)
+        if (info.st_dev, info.st_ino) == identity:
+            os.unlink(path)
+
+
+def _clear_stale(path: str) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+
+    if stat.S_ISLNK(info.st_mode):
+        raise SocketError(f"{path} is a symbolic link; refusing to use it")
+    if not stat.S_ISSOCK(info.st_mode):
+        raise SocketError(f"{path} exists and is not a socket; refusing to replace it")
+    if _alive(path):
+        raise SocketError(f"another process is listening on {path}")
+
+    os.unlink(path)
+
+
+def _alive(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise SocketError(f"cannot check {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+
+    return True

@@ -1,0 +1,117 @@
+"""Run ``token-broker`` as a real subprocess, the way users start it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STARTUP_TIMEOUT = 20.0
+
+
+def command() -> list[str]:
+    """The installed console script beside this Python, else ``-m broker``."""
+    script = Path(sys.executable).parent / "token-broker"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "broker"]
+
+
+def free_port() -> int:
+    """A port that is free now, below the ephemeral range (see TOOLING)."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)  # noqa: S311 - not security
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
+
+
+@dataclass
+class Broker:
+    """A running broker process and everything it printed."""
+
+    process: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    _readers: list[asyncio.Task[None]] = field(default_factory=list)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def started(self) -> dict[str, Any]:
+        return next(e for e in self.events if e.get("event") == "broker.started")
+
+    def output(self) -> str:
+        return "\n".join(self.lines + self.stderr)
+
+    async def wait_for_event(self, name: str, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Wait until the broker logs event ``name`` (woken per output line)."""
+        async with asyncio.timeout(timeout):
+            while not any(e.get("event") == name for e in self.events):
+                if all(reader.done() for reader in self._readers):
+                    raise AssertionError(f"broker exited early:\n{self.output()}")
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    async def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signum)
+        async with asyncio.timeout(timeout):
+            code = await self.process.wait()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        return code
+
+
+async def _pump(stream: asyncio.StreamReader, sink: list[str], broker: Broker) -> None:
+    try:
+        while line := await stream.readline():
+            text = line.decode(errors="replace").rstrip("\n")
+            sink.append(text)
+            if text.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    broker.events.append(json.loads(text))
+            broker._arrived.set()
+    finally:
+        broker._arrived.set()
+
+
+async def start(
+    config: Path, *args: str, env: dict[str, str] | None = None
+) -> Broker:
+    """Start ``token-broker serve -c config`` and wait for broker.started."""
+    process = await asyncio.create_subprocess_exec(
+        *command(),
+        "serve",
+        "-c",
+        str(config),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None and process.stderr is not None
+    broker = Broker(process)
+    broker._readers = [
+        asyncio.create_task(_pump(process.stdout, broker.lines, broker)),
+        asyncio.create_task(_pump(process.stderr, broker.stderr, broker)),
+    ]
+    try:
+        await broker.wait_for_event("broker.started")
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        raise
+    return broker

@@ -1,0 +1,169 @@
+"""The whole path: ``token-broker serve`` as a process, real dev issuer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import jwt
+import pytest
+
+from tests import process
+
+SECRET = "e2e-secret-Zq81"
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A short directory (Unix socket paths are limited to ~107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="tb-", dir="/tmp"))  # noqa: S108
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_config(workdir: Path, issuer_port: int, **extra: str) -> Path:
+    (workdir / "secret").write_text(SECRET + "\n")
+    config = workdir / "broker.yaml"
+    config.write_text(
+        f"""
+listen:
+  http: 127.0.0.1:0
+  unix: {workdir}/broker.sock
+  metrics: 127.0.0.1:0
+environments:
+  dev: {{token_url: "http://127.0.0.1:{issuer_port}/oauth2/token"}}
+clients:
+  chat:
+    environment: dev
+    client_id: e2e
+    client_secret: {{file: secret}}
+    scopes: [chat:invoke]
+  models:
+    environment: dev
+    client_id: e2e
+    client_secret: {{file: secret}}
+    scopes: [models:read]
+    auth: client_secret_post
+    encoding: json
+log: {{level: {extra.get("level", "info")}}}
+dev_issuer:
+  listen: 127.0.0.1:{issuer_port}
+  token_lifetime: 10m
+  clients:
+    e2e: {{secret: {SECRET}, scopes: [chat:invoke, models:read]}}
+"""
+    )
+    return config
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *process.command(),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_serve_fetch_metrics_and_clean_stop(workdir: Path) -> None:
+    """Tokens over TCP, the socket and the CLI match; SIGTERM exits 0 and
+    removes the socket."""
+    issuer_port = process.free_port()
+    broker = await process.start(write_config(workdir, issuer_port))
+    started = broker.started()
+    socket_path = str(workdir / "broker.sock")
+    http = f"http://{started['http']}"
+    headers = {"Token-Broker": "1"}
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{http}/v1/tokens/chat", headers=headers) as answer:
+            assert answer.status == 200
+            assert answer.headers["Cache-Control"] == "no-store"
+            tcp_token = await answer.json()
+        async with session.get(f"http://127.0.0.1:{issuer_port}/jwks.json") as keys:
+            jwks = await keys.json()
+        async with session.get(f"http://{started['metrics']}/metrics") as scrape:
+            metrics_text = await scrape.text()
+        async with session.get(f"http://{started['metrics']}/readyz") as ready:
+            assert ready.status == 200
+
+    unix = aiohttp.UnixConnector(path=socket_path)
+    async with aiohttp.ClientSession(connector=unix) as session:
+        async with session.get("http://broker/v1/tokens/chat?format=raw") as answer:
+            assert answer.status == 200
+            unix_token = await answer.text()
+        async with session.get("http://broker/v1/tokens/models/header") as answer:
+            assert answer.status == 204
+            assert answer.headers["Authorization"].startswith("Bearer ey")
+
+    code, printed, _ = await run_cli("token", "chat", "--socket", socket_path)
+    assert code == 0
+
+    assert tcp_token["token_type"] == "Bearer"
+    assert 590 <= tcp_token["expires_in"] <= 600
+    assert 0 < tcp_token["refresh_in"] < tcp_token["expires_in"]
+    assert tcp_token["scope"] == "chat:invoke"
+    assert unix_token == tcp_token["access_token"] == printed.strip()
+    key = jwt.PyJWK(jwks["keys"][0])
+    claims = jwt.decode(
+        unix_token, key, algorithms=["RS256"], audience="token-broker-dev"
+    )
+    assert claims["sub"] == "e2e"
+    assert claims["scope"] == "chat:invoke"
+    assert (
+        'token_broker_refresh_total{client="chat",environment="dev",'
+        'reason="none",result="success"} 1.0'
+    ) in metrics_text
+    assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o660
+
+    assert await broker.stop() == 0
+    assert not os.path.exists(socket_path)
+    assert any(e["event"] == "broker.stopped" for e in broker.events)
+
+
+async def test_bad_config_exits_2_and_starts_nothing(workdir: Path) -> None:
+    """A config error names file, key path and reason; exit code 2."""
+    config = write_config(workdir, process.free_port())
+    config.write_text(config.read_text().replace("scopes: [chat:invoke]", "scope: x"))
+
+    code, out, err = await run_cli("serve", "-c", str(config))
+
+    assert code == 2
+    assert f"{config}: clients.chat.scope: unknown key" in err
+    assert not (workdir / "broker.sock").exists()
+
+
+async def test_token_cli_without_broker_says_so(workdir: Path) -> None:
+    """``token-broker token`` with no broker running exits 3 with a message."""
+    code, out, err = await run_cli(
+        "token", "chat", "--socket", str(workdir / "none.sock")
+    )
+
+    assert code == 3
+    assert "no broker answers" in err
+    assert out == ""
+
+
+async def test_a_live_brokers_socket_is_not_stolen(workdir: Path) -> None:
+    """A second broker on the same socket refuses to start (exit 1)."""
+    config = write_config(workdir, process.free_port())
+    first = await process.start(config)
+    second = workdir / "second.yaml"
+    second.write_text(config.read_text().split("dev_issuer:")[0])
+
+    code, out, _ = await run_cli("serve", "-c", str(second))
+
+    assert code == 1
+    assert "start_failed" in out
+    assert "another process is listening on" in out
+    assert (workdir / "broker.sock").exists()
+    assert await first.stop() == 0
