@@ -7,6 +7,7 @@ behaviour can be tested from bytes. :mod:`broker.issuer` sends and receives.
 from __future__ import annotations
 
 import base64
+import html
 import json
 import math
 import re
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import parse_qsl, quote_plus, urlencode
+from urllib.parse import parse_qsl, quote, quote_plus, urlencode
 
 from broker import __version__
 from broker.config import Client
@@ -48,6 +49,8 @@ REASONS = OAUTH_ERRORS | {
     "internal_error",
 }
 _USER_AGENT = f"token-broker/{__version__}"
+# Far beyond any real token; larger values would overflow date arithmetic.
+MAX_EXPIRES_IN = 366 * 86400.0
 _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
@@ -109,6 +112,7 @@ def parse_response(
     ``redact`` lists values (the secret) to scrub from any preview of the
     body that ends up in the error message.
     """
+    redact = tuple(redact)
     content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
     document = _decode(body, content_type)
 
@@ -116,8 +120,8 @@ def parse_response(
         if document is None:
             raise IssuerError(
                 "malformed_response",
-                f"status {status} with a body that is neither JSON nor a form: "
-                f"{preview(body, redact)}",
+                f"status {status} with a body that is neither JSON nor a form "
+                f"({_unreadable(body, content_type, redact)})",
                 status=status,
             )
         return _read_grant(document, status)
@@ -125,19 +129,28 @@ def parse_response(
     raise _classify(status, headers, document, body, wall_now, redact)
 
 
+def _unreadable(body: bytes, content_type: str, redact: Iterable[str]) -> str:
+    # A success body we cannot read may be a bare token; only a markup page
+    # (a login or proxy page at the wrong URL) is safe and useful to quote.
+    if content_type == "text/html":
+        return preview(body, redact)
+    return f"{content_type or 'no content type'}, {len(body)} bytes"
+
+
 def _decode(body: bytes, content_type: str) -> dict[str, Any] | None:
-    text = body.decode("utf-8", errors="replace").strip()
+    text = body.decode("utf-8-sig", errors="replace").strip()
+    if text.startswith("{"):
+        try:
+            document = json.loads(text)
+        except ValueError:
+            return None
+        return document if isinstance(document, dict) else None
+
     if content_type == "application/x-www-form-urlencoded":
         pairs = parse_qsl(text, keep_blank_values=True)
         return dict(pairs) if pairs else None
-    if not text.startswith("{"):
-        return None
-    try:
-        document = json.loads(text)
-    except ValueError:
-        return None
 
-    return document if isinstance(document, dict) else None
+    return None
 
 
 def _read_grant(document: Mapping[str, Any], status: int) -> Grant:
@@ -177,28 +190,26 @@ def read_expires_in(value: object) -> float | None:
     """Normalise ``expires_in``; ``None`` when the issuer gave no usable value.
 
     Missing, ``null`` and ``0`` mean "not given" (some servers send 0 for
-    "no expiry"); floats are floored. Negative or non-numeric values are a
-    broken issuer and raise.
+    "no expiry"); floats are floored and values beyond :data:`MAX_EXPIRES_IN`
+    are cut to it. Negative, boolean or non-numeric values are a broken
+    issuer and raise :class:`IssuerError`.
     """
-    if value is None or isinstance(value, bool):
-        if isinstance(value, bool):
-            raise IssuerError("malformed_response", "expires_in is a boolean")
+    if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise IssuerError(
-                "malformed_response", "expires_in is not a number"
-            ) from None
-    if not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise IssuerError("malformed_response", "expires_in is not a number")
-    if value < 0:
+    try:
+        seconds = float(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
+        raise IssuerError("malformed_response", "expires_in is not a number") from None
+    if math.isnan(seconds) or seconds == math.inf:
+        raise IssuerError("malformed_response", "expires_in is not a number")
+    if seconds < 0:
         raise IssuerError("malformed_response", "expires_in is negative")
 
-    seconds = math.floor(value)
+    seconds = float(math.floor(min(seconds, MAX_EXPIRES_IN)))
 
-    return float(seconds) if seconds > 0 else None
+    return seconds if seconds > 0 else None
 
 
 def _classify(
@@ -211,9 +222,7 @@ def _classify(
 ) -> IssuerError:
     code = document.get("error") if document else None
     code = code if isinstance(code, str) and code in OAUTH_ERRORS else None
-    detail = (
-        _scrub(_description(document), redact) if document else preview(body, redact)
-    )
+    detail = _description(document, redact) if document else preview(body, redact)
     retry_after = parse_retry_after(headers.get("Retry-After"), wall_now)
 
     if status == 429:
@@ -251,12 +260,17 @@ def _classify(
     )
 
 
-def _description(document: Mapping[str, Any]) -> str:
+def _description(document: Mapping[str, Any], redact: Iterable[str]) -> str:
     text = document.get("error_description")
     if isinstance(text, str) and text:
-        return _clean(text)[:200]
+        return _shorten(text, redact, 200)
     error = document.get("error")
-    return _clean(str(error))[:60] if error is not None else ""
+    return _shorten(str(error), redact, 60) if error is not None else ""
+
+
+def _shorten(text: str, redact: Iterable[str], size: int) -> str:
+    # Scrub before cleaning and cutting: either could leave part of a secret.
+    return _scrub(_clean(_scrub(text, redact)), redact)[:size]
 
 
 def _suffix(detail: str) -> str:
@@ -271,9 +285,10 @@ def preview(body: bytes, redact: Iterable[str] = (), size: int = 80) -> str:
     """Return a short single-line preview of a body for an error message.
 
     Markup is stripped (an HTML error page from a proxy says most in its
-    text) and any of the ``redact`` values is masked.
+    text) and any of the ``redact`` values is masked, raw or encoded.
     """
-    text = body[:4096].decode("utf-8", errors="replace")
+    redact = tuple(redact)
+    text = _scrub(body.decode("utf-8", errors="replace"), redact)
     text = _scrub(_clean(_TAG.sub(" ", text)), redact)
     if not text:
         return "empty body"
@@ -282,10 +297,30 @@ def preview(body: bytes, redact: Iterable[str] = (), size: int = 80) -> str:
 
 
 def _scrub(text: str, redact: Iterable[str]) -> str:
+    for value in _spellings(redact):
+        text = text.replace(value, "[redacted]")
+    return text
+
+
+def _spellings(redact: Iterable[str]) -> list[str]:
+    """Each value as an issuer might echo it: raw, cleaned, or encoded."""
+    forms: set[str] = set()
     for value in redact:
         if value:
-            text = text.replace(value, "[redacted]")
-    return text
+            forms.update(
+                {
+                    value,
+                    _clean(value),
+                    quote_plus(value),
+                    quote(value, safe=""),
+                    json.dumps(value)[1:-1],
+                    json.dumps(value, ensure_ascii=False)[1:-1],
+                    html.escape(value),
+                }
+            )
+    forms.discard("")
+
+    return sorted(forms, key=len, reverse=True)
 
 
 def parse_retry_after(value: str | None, wall_now: float) -> float | None:
@@ -293,8 +328,9 @@ def parse_retry_after(value: str | None, wall_now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) else None
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError):

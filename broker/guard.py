@@ -8,12 +8,15 @@ requests cannot carry, a loopback ``Host``, and no proxy headers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from broker.config import is_loopback_host
 
 HEADER = "Token-Broker"
 _PROXY_HEADERS = ("Forwarded", "X-Forwarded-For")
+# RFC 9110 7.2: Host = uri-host [ ":" port ], an IPv6 literal in brackets.
+_HOST = re.compile(r"(?:\[(?P<literal>[^\[\]]+)\]|(?P<name>[^\[\]:]+))(?::[0-9]*)?")
 
 REFUSALS = {
     "forwarded": "requests that passed through a proxy are refused",
@@ -34,9 +37,8 @@ def refusal(headers: Mapping[str, str]) -> str | None:
 
 
 def _loopback_host(value: str) -> bool:
-    host = value.strip()
-    if host.startswith("["):
-        host = host[1 : host.find("]")] if "]" in host else ""
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return bool(host) and is_loopback_host(host)
+    match = _HOST.fullmatch(value.strip())
+    if match is None:
+        return False
+
+    return is_loopback_host(match.group("literal") or match.group("name"))

@@ -12,12 +12,14 @@ from broker.errors import IssuerError
 def refresh_delay(lifetime: float, policy: RefreshPolicy, rand: float) -> float:
     """Seconds after a token arrives at which to fetch its successor.
 
-    ``at`` of the lifetime, but no later than ``before`` ahead of expiry and
-    no earlier than half the lifetime (a 10-minute token with ``before: 5m``
-    would otherwise be refreshed the moment it arrives). Jitter only moves
-    the moment earlier, so the ``before`` promise holds for every broker.
+    ``at`` of the lifetime, but no later than ``before`` ahead of expiry (nor
+    later than the token is still served) and no earlier than half the
+    lifetime (a 10-minute token with ``before: 5m`` would otherwise be
+    refreshed the moment it arrives). Jitter only moves the moment earlier,
+    so the ``before`` promise holds for every broker.
     """
-    planned = min(policy.at * lifetime, lifetime - policy.before)
+    lead = max(policy.before, serve_margin(lifetime, policy))
+    planned = min(policy.at * lifetime, lifetime - lead)
     planned = max(planned, lifetime / 2)
 
     return planned * (1.0 - policy.jitter * rand)
