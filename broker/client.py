@@ -41,14 +41,17 @@ async def ask_token(
     where = url or socket_path
 
     try:
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as session, session.get(
-            f"{base}/v1/tokens/{client}",
-            params=params,
-            headers={HEADER: "1", "Accept": "application/json"},
-            allow_redirects=False,
-        ) as response:
+        async with (
+            aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as session,
+            session.get(
+                f"{base}/v1/tokens/{client}",
+                params=params,
+                headers={HEADER: "1", "Accept": "application/json"},
+                allow_redirects=False,
+            ) as response,
+        ):
             text = await response.text()
             status = response.status
     except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:

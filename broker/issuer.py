@@ -36,10 +36,15 @@ class IssuerClient:
         return self._tls[ca_file]
 
     async def fetch(self, client: Client, env: Environment, timeout: float) -> Grant:
-        """Run one client-credentials request for ``client`` at ``env``."""
+        """Run one client-credentials request for ``client`` at ``env``.
+
+        Raises :class:`IssuerError` for every failure, the secret file that
+        cannot be read included.
+        """
         secret = _read_secret(client)
         request = build_request(client, env.token_url, secret)
         where = _where(env.token_url)
+        tls = self._tls_or_fail(env.ca_file)
 
         try:
             async with asyncio.timeout(timeout):
@@ -47,23 +52,23 @@ class IssuerClient:
                     request.url,
                     data=request.body,
                     headers=dict(request.headers),
-                    ssl=self.tls_context(env.ca_file),
+                    ssl=tls,
                     allow_redirects=False,
                 ) as response:
-                    body = await response.content.read(MAX_BODY + 1)
                     status, headers = response.status, response.headers
+                    body = await _read_capped(response)
         except TimeoutError:
             raise IssuerError(
                 "timeout", f"no answer from {where} within {timeout:g}s"
             ) from None
-        except aiohttp.ClientSSLError as exc:
-            raise IssuerError("tls", f"TLS with {where} failed: {_why(exc)}") from None
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            raise IssuerError("tls", _tls_failure(where, exc, env)) from None
+        except (aiohttp.ClientError, OSError) as exc:
             raise IssuerError(
                 "connection", f"cannot reach {where}: {_why(exc)}"
             ) from None
 
-        if len(body) > MAX_BODY:
+        if body is None:
             raise IssuerError(
                 "malformed_response",
                 f"answer from {where} is larger than {MAX_BODY} bytes",
@@ -77,6 +82,34 @@ class IssuerClient:
             wall_now=time.time(),
             redact=(secret.reveal(),),
         )
+
+    def _tls_or_fail(self, ca_file: str | None) -> ssl.SSLContext:
+        try:
+            return self.tls_context(ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            # The bundle was readable at load time; it may since have been
+            # replaced by a broken one, which must not crash the refresher.
+            raise IssuerError(
+                "tls", f"cannot load the CA bundle {ca_file}: {_why(exc)}"
+            ) from None
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:
+    """Read the body; ``None`` once it is past :data:`MAX_BODY`.
+
+    One ``read(n)`` returns what has arrived so far, not ``n`` bytes, so a
+    body that comes in several packets is read in a loop.
+    """
+    if (response.content_length or 0) > MAX_BODY:
+        return None
+
+    body = bytearray()
+    while chunk := await response.content.read(MAX_BODY + 1 - len(body)):
+        body += chunk
+        if len(body) > MAX_BODY:
+            return None
+
+    return bytes(body)
 
 
 def _read_secret(client: Client) -> Secret:
@@ -92,11 +125,26 @@ def _where(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
+def _tls_failure(where: str, exc: BaseException, env: Environment) -> str:
+    message = f"TLS with {where} failed: {_why(exc)}"
+    if env.ca_file is None and _verification_failed(exc):
+        message += "; if the issuer uses a private CA, set ca_file for it"
+    return message
+
+
+def _verification_failed(exc: BaseException) -> bool:
+    return isinstance(_cause(exc), ssl.SSLCertVerificationError)
+
+
 def _why(exc: BaseException) -> str:
     """A short cause: the OS error text when there is one, else the class."""
-    cause = getattr(exc, "os_error", None) or exc.__cause__
+    cause = _cause(exc)
     if isinstance(cause, ssl.SSLCertVerificationError):
         return cause.verify_message or "certificate verification failed"
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
     return type(exc).__name__
+
+
+def _cause(exc: BaseException) -> BaseException:
+    return getattr(exc, "os_error", None) or exc.__cause__ or exc

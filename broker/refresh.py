@@ -114,6 +114,7 @@ class Refresher:
             if not self._may_fetch(self._clock.now()):
                 raise self.unavailable(min_ttl)
             task = self.refresh()
+        log.debug("token.waiting", client=self.name, min_ttl=min_ttl)
         await asyncio.wait({task}, timeout=self.policy.timeout + 1.0)
 
         token = self.token

@@ -31,7 +31,7 @@ class Listeners:
     unix: str | None = None
     metrics: str | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
-    socket_identity: tuple[int, int] | None = None
+    socket_identity: unixsock.Identity | None = None
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
@@ -53,12 +53,14 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             clock=clock,
             metrics=metrics,
         )
+        # Unwound in reverse: listeners drain first, while the clients (and
+        # an embedded issuer) still run to answer requests in flight.
+        stack.push_async_callback(registry.stop)
         listeners = Listeners()
         stack.push_async_callback(_close_listeners, listeners, config)
         await _listen(config, registry, metrics, clock, listeners)
 
         registry.start()
-        stack.push_async_callback(registry.stop)
         watcher = asyncio.create_task(clock.watch_suspend(), name="suspend-watch")
         stack.callback(watcher.cancel)
 

@@ -17,7 +17,10 @@ class SocketError(BrokerError):
     """The socket path cannot be used; says why."""
 
 
-def bind(path: str, mode: int) -> tuple[socket.socket, tuple[int, int]]:
+Identity = tuple[int, int, int]
+
+
+def bind(path: str, mode: int) -> tuple[socket.socket, Identity]:
     """Listen at ``path`` with ``mode``; return the socket and its identity.
 
     The umask is narrowed around ``bind`` so the socket never exists with a
@@ -43,17 +46,22 @@ def bind(path: str, mode: int) -> tuple[socket.socket, tuple[int, int]]:
     os.chmod(path, mode)
     sock.listen(BACKLOG)
     sock.setblocking(False)
-    info = os.lstat(path)
 
-    return sock, (info.st_dev, info.st_ino)
+    return sock, _identity(path)
 
 
-def remove(path: str, identity: tuple[int, int]) -> None:
+def remove(path: str, identity: Identity) -> None:
     """Remove ``path`` if it is still the socket we created."""
     with contextlib.suppress(FileNotFoundError):
-        info = os.lstat(path)
-        if (info.st_dev, info.st_ino) == identity:
+        if _identity(path) == identity:
             os.unlink(path)
+
+
+def _identity(path: str) -> Identity:
+    # The inode number alone can be reused at once by a newer socket; its
+    # change time tells the two apart.
+    info = os.lstat(path)
+    return (info.st_dev, info.st_ino, info.st_ctime_ns)
 
 
 def _clear_stale(path: str) -> None:

@@ -16,6 +16,9 @@ from typing import Any
 
 STARTUP_TIMEOUT = 20.0
 
+# Every process started here, so a failing test cannot leave one running.
+STARTED: list[asyncio.subprocess.Process] = []
+
 
 def command() -> list[str]:
     """The installed console script beside this Python, else ``-m broker``."""
@@ -25,10 +28,34 @@ def command() -> list[str]:
     return [sys.executable, "-m", "broker"]
 
 
+async def reap() -> None:
+    """Kill whatever a test left running and wait for it."""
+    while STARTED:
+        process = STARTED.pop()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run one ``token-broker`` command to its end: code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *command(),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    STARTED.append(proc)
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 def free_port() -> int:
     """A port that is free now, below the ephemeral range (see TOOLING)."""
     for _ in range(200):
-        port = random.randint(20000, 32000)  # noqa: S311 - not security
+        port = random.randint(20000, 32000)
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
@@ -64,8 +91,11 @@ class Broker:
                 self._arrived.clear()
                 await self._arrived.wait()
 
-    async def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.process.returncode is None:
+    async def stop(
+        self, signum: int | None = signal.SIGTERM, timeout: float = 15.0
+    ) -> int:
+        """Send ``signum`` (unless ``None``), wait for the exit, return its code."""
+        if signum is not None and self.process.returncode is None:
             self.process.send_signal(signum)
         async with asyncio.timeout(timeout):
             code = await self.process.wait()
@@ -86,9 +116,7 @@ async def _pump(stream: asyncio.StreamReader, sink: list[str], broker: Broker) -
         broker._arrived.set()
 
 
-async def start(
-    config: Path, *args: str, env: dict[str, str] | None = None
-) -> Broker:
+async def start(config: Path, *args: str, env: dict[str, str] | None = None) -> Broker:
     """Start ``token-broker serve -c config`` and wait for broker.started."""
     process = await asyncio.create_subprocess_exec(
         *command(),
@@ -101,7 +129,9 @@ async def start(
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
-    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout is not None
+    assert process.stderr is not None
+    STARTED.append(process)
     broker = Broker(process)
     broker._readers = [
         asyncio.create_task(_pump(process.stdout, broker.lines, broker)),

@@ -98,7 +98,10 @@ async def test_token_json_shape(setup: Setup, tcp: TestClient) -> None:  # type:
     [("?format=raw", "application/json"), ("", "text/plain")],
 )
 async def test_bare_token(
-    setup: Setup, tcp: TestClient, query: str, accept: str  # type: ignore[type-arg]
+    setup: Setup,
+    tcp: TestClient,
+    query: str,
+    accept: str,  # type: ignore[type-arg]
 ) -> None:
     """``format=raw`` or ``Accept: text/plain`` gives the bare token."""
     setup.fetches["chat"].outcomes.append(grant("tok-raw"))
@@ -135,7 +138,10 @@ async def test_header_route(setup: Setup, unix: TestClient) -> None:  # type: ig
     ],
 )
 async def test_tcp_guard_refuses(
-    setup: Setup, tcp: TestClient, headers: dict[str, str], reason: str  # type: ignore[type-arg]
+    setup: Setup,
+    tcp: TestClient,
+    headers: dict[str, str],
+    reason: str,  # type: ignore[type-arg]
 ) -> None:
     """Each guard rule refuses with 403 and names its reason."""
     await started(setup)
@@ -150,7 +156,8 @@ async def test_tcp_guard_refuses(
 
 
 async def test_unix_listener_needs_no_header(
-    setup: Setup, unix: TestClient  # type: ignore[type-arg]
+    setup: Setup,
+    unix: TestClient,  # type: ignore[type-arg]
 ) -> None:
     """The socket is guarded by its file mode, not by the header."""
     await started(setup)
@@ -185,7 +192,10 @@ async def test_unknown_client_is_404(setup: Setup, tcp: TestClient) -> None:  # 
     ],
 )
 async def test_bad_query_is_400(
-    setup: Setup, unix: TestClient, query: str, fragment: str  # type: ignore[type-arg]
+    setup: Setup,
+    unix: TestClient,
+    query: str,
+    fragment: str,  # type: ignore[type-arg]
 ) -> None:
     """Bad query parameters get 400 invalid_request with a reason."""
     await started(setup)
@@ -200,7 +210,8 @@ async def test_bad_query_is_400(
 
 
 async def test_unavailable_is_503_with_retry_after(
-    setup: Setup, unix: TestClient  # type: ignore[type-arg]
+    setup: Setup,
+    unix: TestClient,  # type: ignore[type-arg]
 ) -> None:
     """With the issuer failing, callers get 503, the reason and Retry-After."""
     setup.fetches["chat"].outcomes.append(
@@ -219,7 +230,8 @@ async def test_unavailable_is_503_with_retry_after(
 
 
 async def test_clients_lists_state_without_tokens(
-    setup: Setup, unix: TestClient  # type: ignore[type-arg]
+    setup: Setup,
+    unix: TestClient,  # type: ignore[type-arg]
 ) -> None:
     """/v1/clients shows each client's state and never a token."""
     setup.fetches["chat"].outcomes.append(grant("tok-secret-xyz"))
@@ -236,11 +248,15 @@ async def test_clients_lists_state_without_tokens(
     assert states["chat"]["state"] == "fresh"
     assert states["chat"]["consecutive_failures"] == 0
     assert states["spare"]["state"] == "expired"
-    assert states["spare"]["last_error"] == {"reason": "timeout", "message": "no answer"}
+    assert states["spare"]["last_error"] == {
+        "reason": "timeout",
+        "message": "no answer",
+    }
 
 
 async def test_readiness_waits_for_required_clients(
-    setup: Setup, unix: TestClient  # type: ignore[type-arg]
+    setup: Setup,
+    unix: TestClient,  # type: ignore[type-arg]
 ) -> None:
     """/readyz is 503 until every required client holds a token; optional
     clients do not count."""
@@ -259,7 +275,8 @@ async def test_readiness_waits_for_required_clients(
 
 
 async def test_wrong_method_and_path_are_json(
-    setup: Setup, unix: TestClient  # type: ignore[type-arg]
+    setup: Setup,
+    unix: TestClient,  # type: ignore[type-arg]
 ) -> None:
     """405 and 404 from routing come back as JSON errors too."""
     wrong_method = await unix.post("/v1/tokens/chat")
@@ -272,7 +289,9 @@ async def test_wrong_method_and_path_are_json(
 
 
 async def test_served_requests_are_counted(
-    setup: Setup, unix: TestClient, aiohttp_client: ClientFactory  # type: ignore[type-arg]
+    setup: Setup,
+    unix: TestClient,
+    aiohttp_client: ClientFactory,  # type: ignore[type-arg]
 ) -> None:
     """Each token handed out counts in token_requests_total on /metrics."""
     await started(setup)

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import stat
-import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import jwt
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests import process
+from tests.process import run_cli
 
 SECRET = "e2e-secret-Zq81"
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short directory (Unix socket paths are limited to ~107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="tb-", dir="/tmp"))  # noqa: S108
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def write_config(workdir: Path, issuer_port: int, **extra: str) -> Path:
@@ -60,18 +53,6 @@ dev_issuer:
 """
     )
     return config
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *process.command(),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_serve_fetch_metrics_and_clean_stop(workdir: Path) -> None:
@@ -135,7 +116,7 @@ async def test_bad_config_exits_2_and_starts_nothing(workdir: Path) -> None:
     config = write_config(workdir, process.free_port())
     config.write_text(config.read_text().replace("scopes: [chat:invoke]", "scope: x"))
 
-    code, out, err = await run_cli("serve", "-c", str(config))
+    code, _, err = await run_cli("serve", "-c", str(config))
 
     assert code == 2
     assert f"{config}: clients.chat.scope: unknown key" in err
@@ -167,3 +148,86 @@ async def test_a_live_brokers_socket_is_not_stolen(workdir: Path) -> None:
     assert "another process is listening on" in out
     assert (workdir / "broker.sock").exists()
     assert await first.stop() == 0
+
+
+@pytest.fixture
+async def held_issuer() -> AsyncIterator[tuple[TestServer, asyncio.Event]]:
+    """An issuer that answers only once the test releases it."""
+    release = asyncio.Event()
+
+    async def token(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({"access_token": "held-token", "expires_in": 600})
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    yield server, release
+    release.set()
+    await server.close()
+
+
+def held_config(workdir: Path, port: int) -> Path:
+    config = workdir / "held.yaml"
+    config.write_text(
+        f"""
+listen: {{http: null, unix: {workdir}/h.sock, metrics: null, drain_timeout: 30s}}
+refresh: {{timeout: 30s}}
+environments:
+  slow: {{token_url: "http://127.0.0.1:{port}/token"}}
+clients:
+  slow: {{environment: slow, client_id: s, client_secret: x-secret-value}}
+"""
+    )
+    return config
+
+
+async def ask_over_socket(path: Path) -> tuple[int, str]:
+    unix = aiohttp.UnixConnector(path=str(path))
+    async with (
+        aiohttp.ClientSession(connector=unix) as session,
+        session.get("http://broker/v1/tokens/slow?format=raw") as answer,
+    ):
+        return answer.status, await answer.text()
+
+
+async def test_sigterm_lets_requests_in_flight_finish(
+    workdir: Path, held_issuer: tuple[TestServer, asyncio.Event]
+) -> None:
+    """A caller waiting for the first token still gets it after SIGTERM."""
+    server, release = held_issuer
+    broker = await process.start(
+        held_config(workdir, server.port or 0), "--log-level", "debug"
+    )
+    caller = asyncio.create_task(ask_over_socket(workdir / "h.sock"))
+    await broker.wait_for_event("token.waiting")
+
+    broker.process.terminate()
+    await broker.wait_for_event("broker.stopping")
+    release.set()
+
+    assert await caller == (200, "held-token")
+    assert await broker.stop(signum=None) == 0
+    assert not (workdir / "h.sock").exists()
+
+
+async def test_second_signal_exits_at_once(
+    workdir: Path, held_issuer: tuple[TestServer, asyncio.Event]
+) -> None:
+    """While draining, a second SIGTERM ends the process immediately."""
+    server, _ = held_issuer
+    broker = await process.start(
+        held_config(workdir, server.port or 0), "--log-level", "debug"
+    )
+    caller = asyncio.create_task(ask_over_socket(workdir / "h.sock"))
+    await broker.wait_for_event("token.waiting")
+    broker.process.terminate()
+    await broker.wait_for_event("broker.stopping")
+
+    code = await broker.stop(timeout=10)
+
+    assert code == 1
+    assert any(e["event"] == "broker.forced_exit" for e in broker.events)
+    with pytest.raises(aiohttp.ClientError):
+        await caller

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests import process
-from tests.test_e2e import run_cli, workdir  # noqa: F401 - fixture
+from tests.process import run_cli
 
 GOOD = "good-secret-7Hq2pLx9"
 WRONG = "wrong-secret-K3vB8mZ1"
@@ -68,14 +68,16 @@ def client(name: str, env: str, secret: str, auth: str = "client_secret_post") -
 
 
 async def test_no_secret_or_token_anywhere(
-    workdir: Path, hostile_issuer: TestServer  # noqa: F811
+    workdir: Path,
+    hostile_issuer: TestServer,
 ) -> None:
     """With DEBUG logs, every failure path leaves no secret or token behind."""
     issuer_port = process.free_port()
     hostile = f"http://127.0.0.1:{hostile_issuer.port}"
     config = workdir / "leaks.yaml"
     config.write_text(
-        "listen: {http: 127.0.0.1:0, unix: " + f"{workdir}/b.sock"
+        "listen: {http: 127.0.0.1:0, unix: "
+        + f"{workdir}/b.sock"
         + ", metrics: 127.0.0.1:0}\n"
         "refresh: {timeout: 0.3s}\n"
         "environments:\n"
@@ -101,9 +103,10 @@ async def test_no_secret_or_token_anywhere(
     env = {
         "SECRET_GOOD": GOOD,
         "SECRET_WRONG": WRONG,
-        **{f"SECRET_{n.upper()}": ECHOED for n in (
-            "echo", "echob", "reject", "page", "slow", "down"
-        )},
+        **{
+            f"SECRET_{n.upper()}": ECHOED
+            for n in ("echo", "echob", "reject", "page", "slow", "down")
+        },
     }
     broker = await process.start(config, "--log-level", "debug", env=env)
     started = broker.started()
@@ -112,7 +115,9 @@ async def test_no_secret_or_token_anywhere(
     async with aiohttp.ClientSession() as session:
         base = f"http://{started['http']}"
         headers = {"Token-Broker": "1"}
-        async with session.get(f"{base}/v1/tokens/good?format=raw", headers=headers) as r:
+        async with session.get(
+            f"{base}/v1/tokens/good?format=raw", headers=headers
+        ) as r:
             assert r.status == 200
             token = await r.text()
         for name in ("wrong", "echo", "echob", "reject", "page", "slow", "down"):
@@ -137,7 +142,7 @@ async def test_no_secret_or_token_anywhere(
         assert needle not in everything
 
 
-async def test_config_errors_never_show_the_secret(workdir: Path) -> None:  # noqa: F811
+async def test_config_errors_never_show_the_secret(workdir: Path) -> None:
     """A secret at a bad key, or a bad secret, is not echoed in the error."""
     config = workdir / "bad.yaml"
     for bad in (

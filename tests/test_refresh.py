@@ -38,9 +38,7 @@ def metrics() -> Metrics:
 
 
 @pytest.fixture
-async def make(
-    clock: FakeClock, metrics: Metrics
-) -> AsyncIterator[RefresherFactory]:
+async def make(clock: FakeClock, metrics: Metrics) -> AsyncIterator[RefresherFactory]:
     """Build refreshers; their loops are cancelled at teardown."""
     tasks: list[asyncio.Task[None]] = []
 
@@ -154,10 +152,16 @@ async def test_failure_keeps_serving_the_valid_token(
     assert refresher.state() == "failing"
     assert (await refresher.get()).value.reveal() == "first"
     labels = {"client": "chat", "environment": "prod"}
-    assert sample(
-        metrics, "token_broker_refresh_total",
-        **labels, result="failure", reason="http_5xx",
-    ) == 1
+    assert (
+        sample(
+            metrics,
+            "token_broker_refresh_total",
+            **labels,
+            result="failure",
+            reason="http_5xx",
+        )
+        == 1
+    )
     assert sample(metrics, "token_broker_consecutive_failures", client="chat") == 1
 
     await clock.advance(1)
