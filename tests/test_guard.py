@@ -1,0 +1,120 @@
+"""The TCP caller guard lets in only requests a local process made on purpose."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from broker.guard import HEADER, REFUSALS, refusal
+
+GOOD = {"Host": "127.0.0.1:8181", HEADER: "1"}
+
+
+def headers(*pairs: tuple[str, str], **fields: str | None) -> CIMultiDictProxy[str]:
+    """Request headers: the good set, with ``fields`` replaced (None drops one)."""
+    merged: dict[str, str | None] = {**GOOD, **fields}
+    result = CIMultiDict((k, v) for k, v in merged.items() if v is not None)
+    result.extend(pairs)
+    return CIMultiDictProxy(result)
+
+
+def test_local_request_with_the_header_is_let_in() -> None:
+    """A loopback Host and ``Token-Broker: 1`` pass the guard."""
+    assert refusal(headers()) is None
+
+
+def test_header_names_are_case_insensitive() -> None:
+    """HTTP header names match in any case."""
+    lower = CIMultiDictProxy(CIMultiDict({"host": "localhost", "token-broker": "1"}))
+
+    assert refusal(lower) is None
+
+
+def test_missing_token_broker_header_is_refused() -> None:
+    """Without the Token-Broker header a request is refused (SSRF cannot add it)."""
+    assert refusal(headers(**{HEADER: None})) == "missing_header"
+
+
+@pytest.mark.parametrize("value", ["0", "true", "yes", "", "11", "1, 1"])
+def test_wrong_token_broker_value_is_refused(value: str) -> None:
+    """Only the exact value 1 counts."""
+    assert refusal(headers(**{HEADER: value})) == "missing_header"
+
+
+def test_token_broker_value_may_carry_spaces() -> None:
+    """Whitespace around the value is not part of it (RFC 9110 5.5)."""
+    assert refusal(headers(**{HEADER: " 1 "})) is None
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "example.com",
+        "10.0.0.1",
+        "10.0.0.1:8181",
+        "169.254.169.254",
+        "evil.localhost.example.com",
+        "localhost.example.com",
+        "127.0.0.1.nip.io",
+        "localhost:8181, example.com",
+        "127.0.0.1:8181@example.com",
+        "[::1]example.com",
+        "[::ffff:10.0.0.1]:8181",
+        "[fe80::1]",
+        "0.0.0.0:8181",
+        "127.0.0.1:port",
+        "",
+        "   ",
+    ],
+)
+def test_non_loopback_host_is_refused(host: str) -> None:
+    """A Host that is not a loopback name is refused (DNS rebinding)."""
+    assert refusal(headers(Host=host)) == "host"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "localhost:8181",
+        "LocalHost:8181",
+        "127.0.0.1",
+        "127.0.0.1:8181",
+        "127.1.2.3:80",
+        "[::1]",
+        "[::1]:8181",
+    ],
+)
+def test_loopback_host_variants_are_let_in(host: str) -> None:
+    """Every spelling of a loopback host, with or without a port, passes."""
+    assert refusal(headers(Host=host)) is None
+
+
+def test_missing_host_is_refused() -> None:
+    """A request without a Host header is refused."""
+    assert refusal(headers(Host=None)) == "host"
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        ("Forwarded", "for=192.0.2.60;proto=http"),
+        ("X-Forwarded-For", "192.0.2.60"),
+        ("x-forwarded-for", "127.0.0.1"),
+        ("FORWARDED", ""),
+    ],
+)
+def test_proxied_requests_are_refused(proxy: tuple[str, str]) -> None:
+    """A request carrying a proxy header is refused, whatever its value."""
+    assert refusal(headers(proxy)) == "forwarded"
+
+
+def test_every_refusal_has_an_explanation() -> None:
+    """Each code the guard returns has a message for the 403 answer."""
+    seen = {
+        refusal(headers(**{HEADER: None})),
+        refusal(headers(Host="example.com")),
+        refusal(headers(("Forwarded", "for=x"))),
+    }
+
+    assert seen == set(REFUSALS)
