@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from broker import api, metrics_app
 from broker.errors import IssuerError
@@ -29,7 +30,7 @@ refresh: {jitter: 0}
 """
 GUARD = {"Token-Broker": "1"}
 
-ClientFactory = Callable[[web.Application], Awaitable[TestClient]]  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 
 
 class Setup:
@@ -58,12 +59,12 @@ async def setup() -> AsyncIterator[Setup]:
 
 
 @pytest.fixture
-async def tcp(setup: Setup, aiohttp_client: ClientFactory) -> TestClient:  # type: ignore[type-arg]
+async def tcp(setup: Setup, aiohttp_client: AiohttpClient) -> Client:
     return await aiohttp_client(setup.app("tcp"))
 
 
 @pytest.fixture
-async def unix(setup: Setup, aiohttp_client: ClientFactory) -> TestClient:  # type: ignore[type-arg]
+async def unix(setup: Setup, aiohttp_client: AiohttpClient) -> Client:
     return await aiohttp_client(setup.app("unix"))
 
 
@@ -72,7 +73,7 @@ async def started(setup: Setup) -> None:
     await settle()
 
 
-async def test_token_json_shape(setup: Setup, tcp: TestClient) -> None:  # type: ignore[type-arg]
+async def test_token_json_shape(setup: Setup, tcp: Client) -> None:
     """The JSON answer has every documented field and no-store caching."""
     setup.fetches["chat"].outcomes.append(grant("tok-chat", 3600.0))
     await started(setup)
@@ -99,9 +100,9 @@ async def test_token_json_shape(setup: Setup, tcp: TestClient) -> None:  # type:
 )
 async def test_bare_token(
     setup: Setup,
-    tcp: TestClient,
+    tcp: Client,
     query: str,
-    accept: str,  # type: ignore[type-arg]
+    accept: str,
 ) -> None:
     """``format=raw`` or ``Accept: text/plain`` gives the bare token."""
     setup.fetches["chat"].outcomes.append(grant("tok-raw"))
@@ -116,7 +117,7 @@ async def test_bare_token(
     assert await answer.text() == "tok-raw"
 
 
-async def test_header_route(setup: Setup, unix: TestClient) -> None:  # type: ignore[type-arg]
+async def test_header_route(setup: Setup, unix: Client) -> None:
     """The header route answers 204 with the Authorization header set."""
     setup.fetches["chat"].outcomes.append(grant("tok-h"))
     await started(setup)
@@ -139,9 +140,9 @@ async def test_header_route(setup: Setup, unix: TestClient) -> None:  # type: ig
 )
 async def test_tcp_guard_refuses(
     setup: Setup,
-    tcp: TestClient,
+    tcp: Client,
     headers: dict[str, str],
-    reason: str,  # type: ignore[type-arg]
+    reason: str,
 ) -> None:
     """Each guard rule refuses with 403 and names its reason."""
     await started(setup)
@@ -157,7 +158,7 @@ async def test_tcp_guard_refuses(
 
 async def test_unix_listener_needs_no_header(
     setup: Setup,
-    unix: TestClient,  # type: ignore[type-arg]
+    unix: Client,
 ) -> None:
     """The socket is guarded by its file mode, not by the header."""
     await started(setup)
@@ -167,7 +168,7 @@ async def test_unix_listener_needs_no_header(
     assert answer.status == 200
 
 
-async def test_unknown_client_is_404(setup: Setup, tcp: TestClient) -> None:  # type: ignore[type-arg]
+async def test_unknown_client_is_404(setup: Setup, tcp: Client) -> None:
     """An unknown name gives 404 unknown_client in the error shape."""
     answer = await tcp.get("/v1/tokens/nope", headers=GUARD)
 
@@ -193,9 +194,9 @@ async def test_unknown_client_is_404(setup: Setup, tcp: TestClient) -> None:  # 
 )
 async def test_bad_query_is_400(
     setup: Setup,
-    unix: TestClient,
+    unix: Client,
     query: str,
-    fragment: str,  # type: ignore[type-arg]
+    fragment: str,
 ) -> None:
     """Bad query parameters get 400 invalid_request with a reason."""
     await started(setup)
@@ -211,7 +212,7 @@ async def test_bad_query_is_400(
 
 async def test_unavailable_is_503_with_retry_after(
     setup: Setup,
-    unix: TestClient,  # type: ignore[type-arg]
+    unix: Client,
 ) -> None:
     """With the issuer failing, callers get 503, the reason and Retry-After."""
     setup.fetches["chat"].outcomes.append(
@@ -231,7 +232,7 @@ async def test_unavailable_is_503_with_retry_after(
 
 async def test_clients_lists_state_without_tokens(
     setup: Setup,
-    unix: TestClient,  # type: ignore[type-arg]
+    unix: Client,
 ) -> None:
     """/v1/clients shows each client's state and never a token."""
     setup.fetches["chat"].outcomes.append(grant("tok-secret-xyz"))
@@ -256,7 +257,7 @@ async def test_clients_lists_state_without_tokens(
 
 async def test_readiness_waits_for_required_clients(
     setup: Setup,
-    unix: TestClient,  # type: ignore[type-arg]
+    unix: Client,
 ) -> None:
     """/readyz is 503 until every required client holds a token; optional
     clients do not count."""
@@ -276,7 +277,7 @@ async def test_readiness_waits_for_required_clients(
 
 async def test_wrong_method_and_path_are_json(
     setup: Setup,
-    unix: TestClient,  # type: ignore[type-arg]
+    unix: Client,
 ) -> None:
     """405 and 404 from routing come back as JSON errors too."""
     wrong_method = await unix.post("/v1/tokens/chat")
@@ -290,8 +291,8 @@ async def test_wrong_method_and_path_are_json(
 
 async def test_served_requests_are_counted(
     setup: Setup,
-    unix: TestClient,
-    aiohttp_client: ClientFactory,  # type: ignore[type-arg]
+    unix: Client,
+    aiohttp_client: AiohttpClient,
 ) -> None:
     """Each token handed out counts in token_requests_total on /metrics."""
     await started(setup)

@@ -20,8 +20,18 @@ def policy(**overrides: object) -> RefreshPolicy:
     return RefreshPolicy.model_validate({**NO_JITTER, **overrides})
 
 
-def failure(reason: str = "http_5xx", **kwargs: object) -> IssuerError:
-    return IssuerError(reason, f"{reason} from the test issuer", **kwargs)  # type: ignore[arg-type]
+def failure(
+    reason: str = "http_5xx",
+    *,
+    permanent: bool = False,
+    retry_after: float | None = None,
+) -> IssuerError:
+    return IssuerError(
+        reason,
+        f"{reason} from the test issuer",
+        permanent=permanent,
+        retry_after=retry_after,
+    )
 
 
 RefresherFactory = Callable[..., Refresher]
