@@ -17,7 +17,7 @@ from typing import Literal
 
 import structlog
 
-from broker import logs
+from broker import redact
 from broker.clock import Clock
 from broker.config import RefreshPolicy
 from broker.errors import IssuerError, TokenUnavailable
@@ -223,9 +223,9 @@ class Refresher:
         )
 
         previous, self.token = self.token, token
-        logs.remember_secret(token.value.reveal())
+        redact.remember_secret(token.value.reveal())
         if previous is not None and previous.value != token.value:
-            logs.forget_secret(previous.value.reveal())
+            redact.forget_secret(previous.value.reveal())
         self.failures = 0
         self.last_error = None
         self.last_success_wall = self._clock.wall()

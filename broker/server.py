@@ -98,7 +98,7 @@ async def _listen(
     drain = listen.drain_timeout
 
     async def runner_for(app: web.Application) -> web.AppRunner:
-        runner = web.AppRunner(app, shutdown_timeout=drain, access_log=None)
+        runner = web.AppRunner(app, shutdown_timeout=drain)
         await runner.setup()
         listeners.runners.append(runner)
         return runner

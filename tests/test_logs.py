@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 from structlog.typing import EventDict
 
-from broker import logs
+from broker import logs, redact
 from broker.secret import MASK, Secret
 
 JWT = (
@@ -444,7 +444,7 @@ def test_remembered_set_drops_the_oldest_past_its_cap(
     remember: Callable[[str], None],
 ) -> None:
     """Past the cap, the oldest remembered value is forgotten first."""
-    values = [f"opaque-{n:06d}" for n in range(logs._MAX_SECRETS + 1)]
+    values = [f"opaque-{n:06d}" for n in range(redact._MAX_SECRETS + 1)]
 
     for value in values:
         remember(value)
