@@ -28,12 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from broker.secret import (
-    SecretSource,
-    source_from_env,
-    source_from_file,
-    source_from_literal,
-)
+from broker.secret import SecretSource, source_from_spec
 
 # sun_path holds 108 bytes on Linux and 104 on the BSDs, the NUL included.
 SUN_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
@@ -108,15 +103,17 @@ def _parse_duration_text(text: str) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
-def _refuse_bool(value: object) -> object:
+def _plain_number(value: object) -> object:
     # pydantic's lax mode reads true as 1; in a config file that is a mistake.
     if isinstance(value, bool):
         raise ValueError("expected a number, not true or false")
+    if isinstance(value, int) and abs(value) > sys.float_info.max:
+        raise ValueError("the number is too large")
     return value
 
 
-Number = Annotated[FiniteFloat, BeforeValidator(_refuse_bool)]
-Port = Annotated[int, BeforeValidator(_refuse_bool)]
+Number = Annotated[FiniteFloat, BeforeValidator(_plain_number)]
+Port = Annotated[int, BeforeValidator(_plain_number)]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -345,25 +342,6 @@ class Environment(_Model):
         return path
 
 
-def _secret_source(value: object, info: ValidationInfo) -> SecretSource:
-    if isinstance(value, SecretSource):
-        return value
-    if isinstance(value, str):
-        return source_from_literal(value)
-    if isinstance(value, dict) and len(value) == 1:
-        ((kind, name),) = value.items()
-        if kind == "env" and isinstance(name, str) and name:
-            return source_from_env(name, (info.context or {}).get("environ", {}))
-        if kind == "file" and isinstance(name, str) and name:
-            return source_from_file(_resolve(name, info))
-
-    # Never describe the value: it may be the secret itself, mistyped.
-    raise ValueError(
-        "expected {env: NAME}, {file: PATH} or a quoted string "
-        '(write a numeric secret in quotes, such as "12345")'
-    )
-
-
 AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
 
 
@@ -387,9 +365,12 @@ class Client(_Model):
     @field_validator("client_secret", mode="before")
     @classmethod
     def _secret(cls, value: object, info: ValidationInfo) -> SecretSource | None:
-        if value is None:
-            return None
-        return _secret_source(value, info)
+        if value is None or isinstance(value, SecretSource):
+            return value
+        context = info.context or {}
+        return source_from_spec(
+            value, context.get("environ", {}), context.get("base_dir", ".")
+        )
 
     @field_validator("scopes", mode="before")
     @classmethod

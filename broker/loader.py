@@ -37,6 +37,7 @@ _KIND_OF_TAG = {
     f"{_YAML}bool": "true or false",
     f"{_YAML}null": "null",
     f"{_YAML}timestamp": "a date",
+    f"{_YAML}binary": "base64 data",
 }
 # YAML 1.1 reads 0660 as octal but 660 as decimal; a mode must be written so
 # that the reader of the file and the broker agree on its value.
@@ -200,13 +201,14 @@ class _NodeCheck:
         self.open: set[int] = set()
 
     def visit(self, node: yaml.Node, path: KeyPath, depth: int) -> None:
+        """Check ``node`` at ``path`` and everything under it."""
         self.count += 1
         if self.count > MAX_NODES:
             raise self.error(path, node, "the file expands past its size limit")
         if depth > MAX_DEPTH:
             raise self.error(path, node, f"nested more than {MAX_DEPTH} levels")
         if node.tag not in self.loader.yaml_constructors:
-            raise self.error(path, node, f"the tag {node.tag} is not allowed")
+            raise self.error(path, node, f"the tag {_kind(node.tag)} is not allowed")
 
         if isinstance(node, yaml.ScalarNode):
             self.scalar(node, path)
@@ -222,6 +224,7 @@ class _NodeCheck:
         self.open.discard(id(node))
 
     def mapping(self, node: yaml.MappingNode, path: KeyPath, depth: int) -> None:
+        """Refuse a key given twice; merged (``<<``) keys may be overridden."""
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             if key_node.tag == f"{_YAML}merge":
@@ -240,17 +243,20 @@ class _NodeCheck:
             self.visit(value_node, [*path, key], depth + 1)
 
     def key(self, node: yaml.Node, path: KeyPath) -> str:
+        """Return a mapping key, which must be plain text."""
         if not isinstance(node, yaml.ScalarNode):
             raise self.error(path, node, "a key must be text, not a list or mapping")
         if node.tag != f"{_YAML}str":
-            kind = _KIND_OF_TAG.get(node.tag, node.tag)
             raise self.error(
-                [*path, node.value], node, f"this key reads as {kind}; put it in quotes"
+                [*path, node.value],
+                node,
+                f"this key reads as {_kind(node.tag)}; put it in quotes",
             )
 
         return str(node.value)
 
     def scalar(self, node: yaml.ScalarNode, path: KeyPath) -> None:
+        """Build the value now, so a bad one is reported at its key."""
         octal = tuple(path) in _OCTAL_KEYS and node.tag == f"{_YAML}int"
         if octal and not _OCTAL_INT.fullmatch(node.value):
             raise self.error(
@@ -260,13 +266,22 @@ class _NodeCheck:
         try:
             self.loader.construct_object(node)
         except (ValueError, OverflowError, yaml.YAMLError):
-            kind = _KIND_OF_TAG.get(node.tag, node.tag)
-            raise self.error(path, node, f"cannot be read as {kind}") from None
+            raise self.error(
+                path, node, f"cannot be read as {_kind(node.tag)}"
+            ) from None
 
     def error(self, path: KeyPath, node: yaml.Node, reason: str) -> ConfigError:
+        """Return an error at ``path`` that gives the node's line."""
         return ConfigError(
             self.name, path, f"{reason} (line {node.start_mark.line + 1})"
         )
+
+
+def _kind(tag: str) -> str:
+    """Name a YAML tag the way a reader of the file knows it."""
+    if tag in _KIND_OF_TAG:
+        return _KIND_OF_TAG[tag]
+    return "!!" + tag.removeprefix(_YAML) if tag.startswith(_YAML) else tag
 
 
 def interpolate(
@@ -319,7 +334,11 @@ def interpolate(
 def _from_validation(
     exc: ValidationError, name: str, data: dict[str, Any] | None
 ) -> ConfigError:
-    error = exc.errors(include_input=False, include_url=False)[0]
+    errors = exc.errors(include_input=False, include_url=False)
+    # An unknown key is often a misspelt one, which pydantic also reports as
+    # missing; the unknown key (with its suggestion) is the better lead.
+    unknown = [error for error in errors if error["type"] == "extra_forbidden"]
+    error = (unknown or errors)[0]
     path = _key_path(error["loc"], data)
     if error["type"] == "extra_forbidden":
         return ConfigError(name, path, _unknown_key(path))

@@ -147,3 +147,26 @@ def source_from_file(path: str) -> SecretSource:
 def source_from_literal(value: str) -> SecretSource:
     """Build a ``literal`` source (allowed, but warned about at start)."""
     return SecretSource("literal", "", Secret(check_secret_text(value)))
+
+
+def source_from_spec(
+    spec: object, environ: Mapping[str, str], base_dir: str
+) -> SecretSource:
+    """Build a source from a config value: ``{env: NAME}``, ``{file: PATH}`` or text.
+
+    A relative ``PATH`` is taken from ``base_dir``. Raises ``ValueError``
+    whose message never describes ``spec``: it may be the secret, mistyped.
+    """
+    if isinstance(spec, str):
+        return source_from_literal(spec)
+    if isinstance(spec, dict) and len(spec) == 1:
+        ((kind, name),) = spec.items()
+        if kind == "env" and isinstance(name, str) and name:
+            return source_from_env(name, environ)
+        if kind == "file" and isinstance(name, str) and name:
+            return source_from_file(os.path.join(base_dir, os.path.expanduser(name)))
+
+    raise ValueError(
+        "expected {env: NAME}, {file: PATH} or a quoted string "
+        '(write a numeric secret in quotes, such as "12345")'
+    )

@@ -17,6 +17,7 @@ from broker.secret import (
     source_from_env,
     source_from_file,
     source_from_literal,
+    source_from_spec,
 )
 
 VALUE = "s3cr3t-Value-42"
@@ -266,3 +267,27 @@ def test_sources_differ_when_their_values_do() -> None:
     assert before != after
     assert source_from_literal("a") != source_from_literal("b")
     assert SecretSource("file", "/a") == SecretSource("file", "/a")
+
+
+def test_spec_builds_each_kind(tmp_path: Path) -> None:
+    """A config value picks env, file (relative to base_dir) or literal."""
+    (tmp_path / "chat").write_text(VALUE + "\n")
+    environ = {"CHAT_SECRET": VALUE}
+
+    assert source_from_spec({"env": "CHAT_SECRET"}, environ, "/").kind == "env"
+    from_file = source_from_spec({"file": "chat"}, {}, str(tmp_path))
+    assert from_file.name == str(tmp_path / "chat")
+    assert from_file.read().reveal() == VALUE
+    assert source_from_spec(VALUE, {}, "/").kind == "literal"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [12345678901, 1.5, True, None, ["12345678901"], {"env": "A", "file": "B"}, {}],
+)
+def test_spec_of_another_shape_is_refused_unquoted(spec: object) -> None:
+    """Anything else is refused with a message that does not describe it."""
+    with pytest.raises(ValueError, match="expected \\{env: NAME\\}") as info:
+        source_from_spec(spec, {}, "/")
+
+    assert "12345678901" not in str(info.value)
