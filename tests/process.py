@@ -20,7 +20,7 @@ STARTUP_TIMEOUT = 20.0
 STARTED: list[asyncio.subprocess.Process] = []
 
 
-def command() -> list[str]:
+def program() -> list[str]:
     """The installed console script beside this Python, else ``-m broker``."""
     script = Path(sys.executable).parent / "token-broker"
     if script.exists():
@@ -40,7 +40,7 @@ async def reap() -> None:
 async def run_cli(*args: str) -> tuple[int, str, str]:
     """Run one ``token-broker`` command to its end: code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        *command(),
+        *program(),
         *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -116,11 +116,16 @@ async def _pump(stream: asyncio.StreamReader, sink: list[str], broker: Broker) -
         broker._arrived.set()
 
 
-async def start(config: Path, *args: str, env: dict[str, str] | None = None) -> Broker:
-    """Start ``token-broker serve -c config`` and wait for broker.started."""
+async def start(
+    config: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    command: str = "serve",
+) -> Broker:
+    """Start ``token-broker COMMAND -c config`` and wait until it is up."""
     process = await asyncio.create_subprocess_exec(
-        *command(),
-        "serve",
+        *program(),
+        command,
         "-c",
         str(config),
         *args,
@@ -137,8 +142,9 @@ async def start(config: Path, *args: str, env: dict[str, str] | None = None) -> 
         asyncio.create_task(_pump(process.stdout, broker.lines, broker)),
         asyncio.create_task(_pump(process.stderr, broker.stderr, broker)),
     ]
+    ready = "broker.started" if command == "serve" else "dev_issuer.started"
     try:
-        await broker.wait_for_event("broker.started")
+        await broker.wait_for_event(ready)
     except BaseException:
         if process.returncode is None:
             process.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+import broker
+from broker.grant import basic_credentials
+from broker.secret import Secret
 from tests import process
 from tests.process import run_cli
 
@@ -88,6 +92,14 @@ async def test_serve_fetch_metrics_and_clean_stop(workdir: Path) -> None:
 
     code, printed, _ = await run_cli("token", "chat", "--socket", socket_path)
     assert code == 0
+    code, header, _ = await run_cli(
+        "token", "models", "--url", http, "--format", "header", "--min-ttl", "60"
+    )
+    assert code == 0
+    assert header.startswith("Authorization: Bearer ey")
+    code, _, err = await run_cli("token", "nope", "--socket", socket_path)
+    assert code == 1
+    assert "no client named 'nope'" in err
 
     assert tcp_token["token_type"] == "Bearer"
     assert 590 <= tcp_token["expires_in"] <= 600
@@ -231,3 +243,52 @@ async def test_second_signal_exits_at_once(
     assert any(e["event"] == "broker.forced_exit" for e in broker.events)
     with pytest.raises(aiohttp.ClientError):
         await caller
+
+
+async def test_dev_issuer_command_serves_tokens(workdir: Path) -> None:
+    """``token-broker dev-issuer`` alone issues tokens to its clients."""
+    port = process.free_port()
+    config = write_config(workdir, port)
+    issuer = await process.start(config, command="dev-issuer")
+    await issuer.wait_for_event("dev_issuer.started")
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{port}/oauth2/token",
+            data={"grant_type": "client_credentials"},
+            headers={"Authorization": basic_credentials("e2e", Secret(SECRET))},
+        ) as answer,
+    ):
+        body = await answer.json()
+
+    assert answer.status == 200
+    assert body["token_type"] == "Bearer"
+    assert await issuer.stop() == 0
+
+
+async def test_python_dash_m_and_version() -> None:
+    """``python -m broker`` is the same program as the console script."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker",
+        "--version",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+
+    assert proc.returncode == 0
+    assert out.decode().strip() == broker.__version__
+
+
+async def test_check_config_describes_without_secrets(workdir: Path) -> None:
+    """check-config lists each client and where its secret lives, not it."""
+    config = write_config(workdir, process.free_port())
+
+    code, out, _ = await run_cli("check-config", "-c", str(config))
+
+    assert code == 0
+    assert "client_secret_post" in out
+    assert f"file {workdir}/secret" in out
+    assert SECRET not in out
