@@ -9,8 +9,8 @@ python3 -m venv --clear "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet ".[test]"
 
-"$venv/bin/ruff" check broker tests
-"$venv/bin/ruff" format --check broker tests
+"$venv/bin/ruff" check broker tests bench
+"$venv/bin/ruff" format --check broker tests bench
 "$venv/bin/mypy"
 
 "$venv/bin/python" -m coverage erase
