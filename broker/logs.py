@@ -15,7 +15,7 @@ import sys
 from typing import TextIO
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor
 
 from broker.redact import UNLOGGABLE, forget_secret, redact, remember_secret
 
@@ -99,11 +99,21 @@ def configure(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 redact,
+                _lead_fields,
                 _renderer(fmt, out),
             ],
         )
     )
     _install(handler, _LEVELS[level])
+
+
+_LEAD = ("timestamp", "level", "event", "logger")
+
+
+def _lead_fields(logger: object, method_name: str, event_dict: EventDict) -> EventDict:
+    """Put time, level and event first, so a JSON line reads left to right."""
+    lead = {key: event_dict.pop(key) for key in _LEAD if key in event_dict}
+    return {**lead, **event_dict}
 
 
 def _renderer(fmt: str, stream: TextIO) -> Processor:
