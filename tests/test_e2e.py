@@ -204,11 +204,10 @@ async def ask_over_socket(path: Path) -> tuple[int, str]:
         return answer.status, await answer.text()
 
 
-async def test_sigterm_lets_requests_in_flight_finish(
-    workdir: Path, held_issuer: tuple[TestServer, asyncio.Event]
-) -> None:
-    """A caller waiting for the first token still gets it after SIGTERM."""
-    server, release = held_issuer
+async def draining(
+    workdir: Path, server: TestServer
+) -> tuple[process.Broker, asyncio.Task[tuple[int, str]]]:
+    """A broker told to stop while a caller waits for its first token."""
     broker = await process.start(
         held_config(workdir, server.port or 0), "--log-level", "debug"
     )
@@ -217,6 +216,16 @@ async def test_sigterm_lets_requests_in_flight_finish(
 
     broker.process.terminate()
     await broker.wait_for_event("broker.stopping")
+
+    return broker, caller
+
+
+async def test_sigterm_lets_requests_in_flight_finish(
+    workdir: Path, held_issuer: tuple[TestServer, asyncio.Event]
+) -> None:
+    """A caller waiting for the first token still gets it after SIGTERM."""
+    server, release = held_issuer
+    broker, caller = await draining(workdir, server)
     release.set()
 
     assert await caller == (200, "held-token")
@@ -228,14 +237,7 @@ async def test_second_signal_exits_at_once(
     workdir: Path, held_issuer: tuple[TestServer, asyncio.Event]
 ) -> None:
     """While draining, a second SIGTERM ends the process immediately."""
-    server, _ = held_issuer
-    broker = await process.start(
-        held_config(workdir, server.port or 0), "--log-level", "debug"
-    )
-    caller = asyncio.create_task(ask_over_socket(workdir / "h.sock"))
-    await broker.wait_for_event("token.waiting")
-    broker.process.terminate()
-    await broker.wait_for_event("broker.stopping")
+    broker, caller = await draining(workdir, held_issuer[0])
 
     code = await broker.stop(timeout=10)
 
