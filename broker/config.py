@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -116,6 +117,19 @@ Number = Annotated[FiniteFloat, BeforeValidator(_plain_number)]
 Port = Annotated[int, BeforeValidator(_plain_number)]
 
 
+def _plain_bool(value: object) -> bool:
+    # Only true and false; the strings come from ${VAR} interpolation. Lax
+    # readings of 0, "no" or "off" would turn typos into silent choices.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError("expected true or false")
+
+
+Bool = Annotated[bool, BeforeValidator(_plain_bool)]
+
+
 def is_loopback_host(host: str) -> bool:
     """True for ``localhost``, 127.0.0.0/8 and ``::1`` (brackets allowed)."""
     host = host.removeprefix("[").removesuffix("]").lower()
@@ -185,15 +199,25 @@ class Listen(_Model):
     def _http_on_loopback(cls, value: HostPort | None) -> HostPort | None:
         return _require_loopback(value, "the token API")
 
+    @model_validator(mode="after")
+    def _serves_somewhere(self) -> Listen:
+        if self.http is None and self.unix is None:
+            raise ValueError("the token API needs http, unix or both; both are null")
+        return self
+
     @field_validator("unix")
     @classmethod
-    def _socket_path(cls, value: str | None) -> str | None:
+    def _socket_path(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         if not value:
             raise ValueError("the socket path is empty; use null to turn it off")
         if "\0" in value:
             raise ValueError("the socket path contains a NUL character")
+        value = _resolve(value, info)
+        directory = os.path.dirname(value)
+        if not os.path.isdir(directory):
+            raise ValueError(f"the socket's directory {directory} does not exist")
         size = len(os.fsencode(value))
         if size > SUN_PATH_MAX:
             raise ValueError(
@@ -233,6 +257,9 @@ class Backoff(_Model):
             raise ValueError("initial must be more than 0")
         if self.max < self.initial:
             raise ValueError("max must be at least initial")
+        if self.permanent < self.max:
+            # Zero here would retry a refused secret in a hot loop.
+            raise ValueError("permanent must be at least max")
         return self
 
 
@@ -244,7 +271,9 @@ class RefreshPolicy(_Model):
     jitter: Number = Field(0.1, ge=0, le=0.5)
     margin: Duration = 10.0
     default_lifetime: Duration = Field(600.0, gt=0)
-    min_interval: Duration = 5.0
+    # Callers decide when this one applies: a floor keeps them from driving
+    # the issuer in a loop.
+    min_interval: Duration = Field(5.0, ge=1)
     timeout: Duration = Field(10.0, gt=0)
     backoff: Backoff = Backoff()
 
@@ -339,6 +368,12 @@ class Environment(_Model):
         path = _resolve(value, info)
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise ValueError(f"cannot read the CA bundle {path}")
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=path)
+        except (ssl.SSLError, ValueError, OSError):
+            raise ValueError(
+                f"{path} holds no usable PEM certificate for a CA bundle"
+            ) from None
         return path
 
 
@@ -359,7 +394,7 @@ class Client(_Model):
     audience: str | None = None
     resource: str | tuple[str, ...] | None = None
     params: dict[str, str] = {}
-    required: bool = True
+    required: Bool = True
     refresh: RefreshOverride | None = None
 
     @field_validator("client_secret", mode="before")

@@ -48,6 +48,9 @@ REASONS = OAUTH_ERRORS | {
     "secret_unreadable",
     "internal_error",
 }
+# RFC 6749 A.12 allows %x20-7E; the space is excluded since the token
+# travels as "Bearer <token>".
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 _USER_AGENT = f"token-broker/{__version__}"
 # Far beyond any real token; larger values would overflow date arithmetic.
 MAX_EXPIRES_IN = 366 * 86400.0
@@ -161,6 +164,14 @@ def _read_grant(document: Mapping[str, Any], status: int) -> Grant:
             f"status {status} without an access_token",
             status=status,
         )
+    if not _HEADER_SAFE.fullmatch(token):
+        # It is served in an Authorization header and printed for shells:
+        # a space, a line break or a non-ASCII byte would break or inject.
+        raise IssuerError(
+            "malformed_response",
+            "the access_token holds characters that cannot be sent in a header",
+            status=status,
+        )
 
     token_type = document.get("token_type")
     if token_type is not None and (
@@ -190,9 +201,9 @@ def read_expires_in(value: object) -> float | None:
     """Normalise ``expires_in``; ``None`` when the issuer gave no usable value.
 
     Missing, ``null`` and ``0`` mean "not given" (some servers send 0 for
-    "no expiry"); floats are floored and values beyond :data:`MAX_EXPIRES_IN`
-    are cut to it. Negative, boolean or non-numeric values are a broken
-    issuer and raise :class:`IssuerError`.
+    "no expiry"); floats are floored (to at least 1) and values beyond
+    :data:`MAX_EXPIRES_IN` are cut to it. Negative, boolean or non-numeric
+    values are a broken issuer and raise :class:`IssuerError`.
     """
     if value is None:
         return None
@@ -207,9 +218,12 @@ def read_expires_in(value: object) -> float | None:
     if seconds < 0:
         raise IssuerError("malformed_response", "expires_in is negative")
 
-    seconds = float(math.floor(min(seconds, MAX_EXPIRES_IN)))
+    if seconds == 0:
+        return None
 
-    return seconds if seconds > 0 else None
+    # A fraction of a second is still a lifetime given, not "none": it must
+    # not turn into default_lifetime.
+    return float(max(1, math.floor(min(seconds, MAX_EXPIRES_IN))))
 
 
 def _classify(

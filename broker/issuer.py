@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import urllib.request
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from broker.config import Client, Environment
+from broker import redact
+from broker.config import Client, Environment, is_loopback_host
 from broker.errors import IssuerError
 from broker.grant import build_request, parse_response
 from broker.secret import Secret
@@ -45,6 +47,14 @@ class IssuerClient:
         request = build_request(client, env.token_url, secret)
         where = _where(env.token_url)
         tls = self._tls_or_fail(env.ca_file)
+        # Every form the secret travels in, for the log chain and for error
+        # messages quoting what an issuer echoed back.
+        sent = [secret.reveal()]
+        authorization = request.headers.get("Authorization", "")
+        if authorization.startswith("Basic "):
+            sent.append(authorization.removeprefix("Basic "))
+        for value in sent:
+            redact.remember_secret(value)
 
         try:
             async with asyncio.timeout(timeout):
@@ -53,6 +63,7 @@ class IssuerClient:
                     data=request.body,
                     headers=dict(request.headers),
                     ssl=tls,
+                    proxy=proxy_for(request.url),
                     allow_redirects=False,
                 ) as response:
                     status, headers = response.status, response.headers
@@ -80,7 +91,7 @@ class IssuerClient:
             headers,
             body,
             wall_now=time.time(),
-            redact=(secret.reveal(),),
+            redact=sent,
         )
 
     def _tls_or_fail(self, ca_file: str | None) -> ssl.SSLContext:
@@ -92,6 +103,27 @@ class IssuerClient:
             raise IssuerError(
                 "tls", f"cannot load the CA bundle {ca_file}: {_why(exc)}"
             ) from None
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy for a token request: ``HTTPS_PROXY`` unless ``NO_PROXY``.
+
+    Only https requests ever go through a proxy. Plain http is allowed only
+    to loopback hosts, and an ``HTTP_PROXY`` would carry such a request, the
+    secret in clear, off the machine. The session does not read the
+    environment itself, so ``~/.netrc`` cannot add a second set of
+    credentials either.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme != "https" or is_loopback_host(host):
+        return None
+    proxies = urllib.request.getproxies_environment()
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if "https" not in proxies or bypass(host):
+        return None
+
+    return proxies["https"]
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:

@@ -81,9 +81,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
 
 @contextlib.asynccontextmanager
 async def _client_session() -> AsyncIterator[aiohttp.ClientSession]:
-    # trust_env: HTTPS_PROXY / NO_PROXY are honoured, as users expect.
+    # Proxies come from broker.issuer.proxy_for, not from trust_env.
     connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=60)
-    async with aiohttp.ClientSession(connector=connector, trust_env=True) as session:
+    async with aiohttp.ClientSession(connector=connector) as session:
         yield session
 
 

@@ -23,6 +23,7 @@ from broker.config import (
 )
 from broker.errors import ConfigError
 from broker.loader import Loaded, load, load_text
+from tests.pki import make_pki
 
 NAME = "/etc/token-broker/broker.yaml"
 SECRET = "s3cr3t-Value-42"
@@ -148,11 +149,21 @@ def test_dev_issuer_defaults() -> None:
 
 def test_null_turns_listeners_off() -> None:
     """http, unix and metrics each accept null."""
-    listen = config(
-        with_section("listen", {"http": None, "unix": None, "metrics": None})
-    ).listen
+    tcp_only = config(with_section("listen", {"unix": None, "metrics": None}))
+    unix_only = config(with_section("listen", {"http": None}))
 
-    assert (listen.http, listen.unix, listen.metrics) == (None, None, None)
+    assert (tcp_only.listen.unix, tcp_only.listen.metrics) == (None, None)
+    assert unix_only.listen.http is None
+
+
+def test_the_token_api_must_listen_somewhere() -> None:
+    """http and unix both null is refused: no caller could get a token."""
+    error = refused(
+        with_section("listen", {"http": None, "unix": None}),
+        "needs http, unix or both",
+    )
+
+    assert error.key_path == "listen"
 
 
 def test_loaded_remembers_its_file_and_no_warnings() -> None:
@@ -814,7 +825,7 @@ def test_is_loopback_host(host: str, loopback: bool) -> None:
 
 def test_ca_file_is_resolved_against_the_config_directory(tmp_path: Path) -> None:
     """A relative ca_file is found next to the config file, whatever the cwd."""
-    (tmp_path / "ca.pem").write_text("not checked here\n")
+    make_pki(tmp_path)
     text = MINIMAL.replace(
         'prod: {token_url: "https://auth.example.com/oauth2/token"}',
         'prod: {token_url: "https://auth.example.com/oauth2/token", ca_file: ca.pem}',

@@ -137,11 +137,12 @@ def test_listeners_turned_off_say_off(tmp_path: Path) -> None:
     )
     (tmp_path / "files-secret").write_text(FILE_SECRET)
     (tmp_path / "broker.yaml").write_text(
-        text.replace("  unix: /run/tb.sock", "  unix: null")
+        text.replace("  unix: /run/tb.sock", "  unix: null").replace(
+            "  http: null", "  http: 127.0.0.1:8181"
+        )
     )
     lines = describe(load(tmp_path / "broker.yaml", {"CHAT_SECRET": "x"})).splitlines()
 
-    assert "  token API (http)  off" in lines
     assert "  token API (unix)  off" in lines
     assert not any("dev issuer" in line for line in lines)
 

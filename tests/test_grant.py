@@ -232,12 +232,13 @@ def test_json_success_gives_token_lifetime_and_scope() -> None:
         ("59.99", 59.0),
         (0, None),
         ("0", None),
-        (0.4, None),
+        (0.4, 1.0),
         (None, None),
     ],
 )
 def test_expires_in_forms(given: object, seconds: float | None) -> None:
-    """expires_in is read from ints, numeric strings and floats (floored)."""
+    """expires_in is read from ints, numeric strings and floats (floored, but
+    a fraction of a second stays one second rather than "not given")."""
     grant = ok({"access_token": "t", "expires_in": given})
 
     assert grant.expires_in == seconds
