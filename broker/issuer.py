@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -103,6 +105,18 @@ class IssuerClient:
             raise IssuerError(
                 "tls", f"cannot load the CA bundle {ca_file}: {_why(exc)}"
             ) from None
+
+
+@contextlib.asynccontextmanager
+async def client_session() -> AsyncIterator[aiohttp.ClientSession]:
+    """The one session all token requests share.
+
+    It does not trust the environment: proxies come from :func:`proxy_for`
+    per request, and ``~/.netrc`` must not add credentials of its own.
+    """
+    connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=60)
+    async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
+        yield session
 
 
 def proxy_for(url: str) -> str | None:

@@ -6,17 +6,15 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import aiohttp
 import structlog
 from aiohttp import web
 
 from broker import __version__, api, metrics_app, unixsock
 from broker.clock import SystemClock
 from broker.config import Config
-from broker.issuer import IssuerClient
+from broker.issuer import IssuerClient, client_session
 from broker.metrics import Metrics
 from broker.registry import Registry, issuer_fetch
 
@@ -46,7 +44,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             issuer_server = await devissuer.start(config.dev_issuer)
             stack.push_async_callback(issuer_server.close)
 
-        session = await stack.enter_async_context(_client_session())
+        session = await stack.enter_async_context(client_session())
         registry = Registry(
             config,
             issuer_fetch(IssuerClient(session), config),
@@ -77,14 +75,6 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         log.info("broker.stopping", drain_timeout=config.listen.drain_timeout)
 
     log.info("broker.stopped")
-
-
-@contextlib.asynccontextmanager
-async def _client_session() -> AsyncIterator[aiohttp.ClientSession]:
-    # Proxies come from broker.issuer.proxy_for, not from trust_env.
-    connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=60)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        yield session
 
 
 async def _listen(

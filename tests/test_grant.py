@@ -629,3 +629,20 @@ def test_secret_at_the_preview_window_edge_is_redacted() -> None:
 
     assert "s3cr3" not in error.message
     assert "[redacted]" in error.message
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["two words", "line\r\nX-Injected: yes", "caf\u00e9", " padded", "tab\there"],
+)
+def test_tokens_unfit_for_a_header_are_refused(token: str) -> None:
+    """A token that would break or inject into a header is malformed."""
+    with pytest.raises(IssuerError, match="cannot be sent in a header") as caught:
+        parse_response(
+            200,
+            {"Content-Type": "application/json"},
+            json.dumps({"access_token": token, "token_type": "Bearer"}).encode(),
+            wall_now=0.0,
+        )
+
+    assert caught.value.reason == "malformed_response"

@@ -12,7 +12,7 @@ import pytest
 from broker import devissuer
 from broker.config import DevIssuer
 from broker.errors import TokenUnavailable
-from broker.issuer import IssuerClient
+from broker.issuer import IssuerClient, client_session
 from broker.loader import load_text
 from broker.metrics import Metrics
 from broker.registry import Registry, issuer_fetch
@@ -70,7 +70,7 @@ async def running() -> AsyncIterator[Running]:
         config_text(issuer.token_url), "it.yaml", {"SVC": "svc secret:+%/é"}
     ).config
     metrics = Metrics()
-    async with aiohttp.ClientSession() as session:
+    async with client_session() as session:
         registry = Registry(
             config,
             issuer_fetch(IssuerClient(session), config),

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from broker.config import Client, Environment
 from broker.errors import IssuerError
-from broker.issuer import MAX_BODY, IssuerClient
+from broker.issuer import MAX_BODY, IssuerClient, client_session, proxy_for
 from tests.pki import Pki, make_pki
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -64,8 +63,8 @@ def basic_secret(headers: dict[str, str]) -> str:
 
 @pytest.fixture
 async def issuer() -> AsyncIterator[IssuerClient]:
-    """An IssuerClient on its own client session."""
-    async with aiohttp.ClientSession() as session:
+    """An IssuerClient on the session the broker itself uses."""
+    async with client_session() as session:
         yield IssuerClient(session)
 
 
@@ -175,6 +174,90 @@ async def test_error_answer_is_classified_and_redacted(
     assert error.permanent
     assert SECRET not in error.message
     assert "[redacted]" in error.message
+
+
+async def test_echoed_basic_credentials_are_redacted(
+    issuer: IssuerClient, start: Start
+) -> None:
+    """An issuer quoting the Authorization header back leaks no Base64 form."""
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        echoed = request.headers["Authorization"]
+        body = {"error": "invalid_client", "error_description": f"bad {echoed}"}
+        return web.json_response(body, status=401)
+
+    error = await fail(issuer, await start(refuse))
+    encoded = base64.b64encode(f"svc:{SECRET}".encode()).decode()
+
+    assert encoded not in error.message
+    assert "[redacted]" in error.message
+
+
+async def test_http_proxy_never_carries_a_loopback_request(
+    issuer: IssuerClient,
+    start: Start,
+    seen: Seen,
+    monkeypatch: pytest.MonkeyPatch,
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """HTTP_PROXY is ignored: plain http goes straight to the loopback host."""
+    proxied: list[str] = []
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        proxied.append(str(request.url))
+        return web.Response(status=502)
+
+    proxy_app = web.Application()
+    proxy_app.router.add_route("*", "/{tail:.*}", proxy)
+    proxy_server = await aiohttp_server(proxy_app)
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{proxy_server.port}")
+
+    grant = await issuer.fetch(make_client(), await start(answer), timeout=5.0)
+
+    assert grant.access_token.reveal() == ANSWER["access_token"]
+    assert proxied == []
+    assert len(seen.bodies) == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "expected"),
+    [
+        (
+            "https://auth.example.com/t",
+            {"HTTPS_PROXY": "http://p:3128"},
+            "http://p:3128",
+        ),
+        (
+            "https://auth.example.com/t",
+            {"https_proxy": "http://p:3128"},
+            "http://p:3128",
+        ),
+        ("https://auth.example.com/t", {"HTTP_PROXY": "http://p:3128"}, None),
+        (
+            "https://auth.example.com/t",
+            {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "example.com"},
+            None,
+        ),
+        ("https://127.0.0.1/t", {"HTTPS_PROXY": "http://p:3128"}, None),
+        ("http://127.0.0.1/t", {"HTTPS_PROXY": "http://p:3128"}, None),
+    ],
+)
+def test_proxy_choice(
+    url: str,
+    env: dict[str, str],
+    expected: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only https requests to non-loopback hosts use HTTPS_PROXY / NO_PROXY."""
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    assert proxy_for(url) == expected
 
 
 async def test_redirect_is_not_followed(
