@@ -60,7 +60,7 @@ def guarded(listener: str) -> Callable[[web.Request, Handler], Awaitable[Any]]:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> Any:
-        reason = guard.refusal(request.headers)
+        reason = guard.refusal(request.headers, request.raw_path)
         if reason is None:
             return await handler(request)
 

@@ -9,12 +9,20 @@ requests cannot carry, a loopback ``Host``, and no proxy headers.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+
+from multidict import MultiMapping
 
 from broker.config import is_loopback_host
 
 HEADER = "Token-Broker"
-_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For")
+# Headers that proxies add: a request carrying one was relayed for someone.
+_PROXY_HEADERS = (
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Host",
+    "X-Real-IP",
+    "Via",
+)
 # RFC 9110 7.2: Host = uri-host [ ":" port ], an IPv6 literal in brackets.
 _HOST = re.compile(r"(?:\[(?P<literal>[^\[\]]+)\]|(?P<name>[^\[\]:]+))(?::[0-9]*)?")
 
@@ -25,13 +33,22 @@ REFUSALS = {
 }
 
 
-def refusal(headers: Mapping[str, str]) -> str | None:
-    """Return the refusal reason code for a request, or ``None`` to let it in."""
+def refusal(headers: MultiMapping[str], target: str = "/") -> str | None:
+    """Return the refusal reason code for a request, or ``None`` to let it in.
+
+    ``target`` is the raw request target: an absolute URL there
+    (``GET http://host/...``) is how a client talks to a proxy.
+    """
     if any(name in headers for name in _PROXY_HEADERS):
         return "forwarded"
-    if not _loopback_host(headers.get("Host", "")):
+    if not target.startswith("/"):
+        return "forwarded"
+    hosts = headers.getall("Host", [])
+    if len(hosts) != 1 or not _loopback_host(hosts[0]):
         return "host"
-    if headers.get(HEADER, "").strip() != "1":
+    # Exactly one header, exactly "1": a second copy means something merged
+    # or injected headers on the way.
+    if [value.strip() for value in headers.getall(HEADER, [])] != ["1"]:
         return "missing_header"
     return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -309,3 +310,24 @@ async def test_served_requests_are_counted(
         'result="ok"} 3.0'
     ) in text
     assert "auto-1" not in text
+
+
+async def test_absolute_form_request_is_refused_on_the_wire(
+    setup: Setup, tcp: Client
+) -> None:
+    """A proxy-style request line is refused even with good headers."""
+    await started(setup)
+    assert tcp.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", tcp.server.port)
+    writer.write(
+        b"GET http://evil.example/v1/tokens/chat HTTP/1.1\r\n"
+        b"Host: 127.0.0.1\r\nToken-Broker: 1\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+
+    answer = await reader.read()
+    writer.close()
+
+    assert answer.startswith(b"HTTP/1.1 403")
+    assert b'"reason": "forwarded"' in answer
+    assert b"auto-1" not in answer

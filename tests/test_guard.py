@@ -102,11 +102,31 @@ def test_missing_host_is_refused() -> None:
         ("X-Forwarded-For", "192.0.2.60"),
         ("x-forwarded-for", "127.0.0.1"),
         ("FORWARDED", ""),
+        ("Via", "1.1 proxy.example"),
+        ("X-Real-IP", "192.0.2.60"),
+        ("X-Forwarded-Host", "localhost"),
     ],
 )
 def test_proxied_requests_are_refused(proxy: tuple[str, str]) -> None:
     """A request carrying a proxy header is refused, whatever its value."""
     assert refusal(headers(proxy)) == "forwarded"
+
+
+def test_absolute_form_target_is_refused() -> None:
+    """``GET http://host/...`` is a request meant for a proxy."""
+    assert refusal(headers(), "http://evil.example/v1/tokens/chat") == "forwarded"
+    assert refusal(headers(), "/v1/tokens/chat") is None
+
+
+def test_a_second_token_broker_header_is_refused() -> None:
+    """Two copies of the header, even "1" and "0", are not one "1"."""
+    assert refusal(headers((HEADER, "0"))) == "missing_header"
+    assert refusal(headers((HEADER, "1"))) == "missing_header"
+
+
+def test_a_second_host_header_is_refused() -> None:
+    """Two Host headers (one loopback, one not) are refused."""
+    assert refusal(headers(("Host", "evil.example"))) == "host"
 
 
 def test_every_refusal_has_an_explanation() -> None:
