@@ -49,7 +49,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         code = {404: "not_found", 405: "method_not_allowed"}.get(
             exc.status, "invalid_request"
         )
-        return error(exc.status, code, exc.reason)
+        answer = error(exc.status, code, exc.reason, request.match_info.get("client"))
+        if "Allow" in exc.headers:
+            answer.headers["Allow"] = exc.headers["Allow"]
+        return answer
     except Exception:
         log.exception("api.crashed", path=request.path)
         return error(500, "internal_error", "the broker failed; see its log")
@@ -70,7 +73,8 @@ def guarded(listener: str) -> Callable[[web.Request, Handler], Awaitable[Any]]:
     return middleware
 
 
-async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
+async def no_store(request: web.Request, response: web.StreamResponse) -> None:
+    """Mark every answer uncacheable: tokens and states change by the second."""
     response.headers["Cache-Control"] = "no-store"
 
 
@@ -86,7 +90,7 @@ def create_app(
     app[METRICS] = metrics
     app[CLOCK] = clock
     app[LISTENER] = listener
-    app.on_response_prepare.append(_no_store)
+    app.on_response_prepare.append(no_store)
 
     app.router.add_get("/v1/tokens/{client}", token_json)
     app.router.add_get("/v1/tokens/{client}/header", token_header)

@@ -29,7 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command: Callable[[argparse.Namespace], int] = args.run
 
-    return command(args)
+    try:
+        return command(args)
+    except BrokenPipeError:
+        # The reader went away (``check-config | head``): not an error of
+        # ours, and no traceback. Point stdout at /dev/null so the final
+        # flush at exit cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -192,7 +199,12 @@ def _token(args: argparse.Namespace) -> int:
         print(f"token-broker: {args.client}: {message}", file=sys.stderr)
         return FAILED
 
-    token = str(answer.body.get("access_token", ""))
+    token = answer.body.get("access_token")
+    if not isinstance(token, str) or not token:
+        print(
+            f"token-broker: {args.client}: the answer holds no token", file=sys.stderr
+        )
+        return FAILED
     if args.format == "json":
         print(answer.raw)
     elif args.format == "header":

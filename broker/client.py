@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import aiohttp
 
@@ -46,7 +47,7 @@ async def ask_token(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as session,
             session.get(
-                f"{base}/v1/tokens/{client}",
+                f"{base}/v1/tokens/{quote(client, safe='')}",
                 params=params,
                 headers={HEADER: "1", "Accept": "application/json"},
                 allow_redirects=False,

@@ -57,7 +57,7 @@ def _client_rows(config: Config, client: Client) -> list[tuple[str, str]]:
     source = client.client_secret
     rows = [
         ("environment", client.environment),
-        ("token URL", environment.token_url),
+        ("token URL", _without_query(environment.token_url)),
         ("client id", client.client_id),
         ("scopes", " ".join(client.scopes) or "(none)"),
         ("auth", client.auth),
@@ -95,3 +95,9 @@ def _warning(kind: str, client: str) -> str:
             "use {env: NAME} or {file: PATH}"
         )
     return f"warning: client {client}: {kind}"
+
+
+def _without_query(url: str) -> str:
+    """The URL with any query replaced by ``?…``: it may carry a key."""
+    base, sep, _ = url.partition("?")
+    return base + ("?…" if sep else "")

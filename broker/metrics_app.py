@@ -26,6 +26,7 @@ def create_app(registry: Registry, metrics: Metrics) -> web.Application:
     app = web.Application(middlewares=[api.json_errors], client_max_size=1024)
     app[api.REGISTRY] = registry
     app[api.METRICS] = metrics
+    app.on_response_prepare.append(api.no_store)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)

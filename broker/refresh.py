@@ -270,7 +270,7 @@ class Refresher:
             scope=" ".join(self.scopes),
             attempt=self.failures,
             retry_in=round(delay, 1),
-            serving_valid_token=self.servable() is not None,
+            still_serving=self.servable() is not None,
             duration=round(duration, 3),
         )
 

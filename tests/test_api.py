@@ -285,7 +285,12 @@ async def test_wrong_method_and_path_are_json(
     wrong_path = await unix.get("/v2/nothing")
 
     assert wrong_method.status == 405
-    assert (await wrong_method.json())["error"] == "method_not_allowed"
+    assert wrong_method.headers["Allow"] == "GET,HEAD"
+    assert (await wrong_method.json()) == {
+        "error": "method_not_allowed",
+        "message": "Method Not Allowed",
+        "client": None,
+    }
     assert wrong_path.status == 404
     assert (await wrong_path.json())["error"] == "not_found"
 
@@ -303,8 +308,10 @@ async def test_served_requests_are_counted(
         metrics_app.create_app(setup.registry, setup.metrics)
     )
 
-    text = await (await scraper.get("/metrics")).text()
+    scrape = await scraper.get("/metrics")
+    text = await scrape.text()
 
+    assert scrape.headers["Cache-Control"] == "no-store"
     assert (
         'token_broker_token_requests_total{client="chat",listener="unix",'
         'result="ok"} 3.0'

@@ -100,6 +100,9 @@ async def test_serve_fetch_metrics_and_clean_stop(workdir: Path) -> None:
     code, _, err = await run_cli("token", "nope", "--socket", socket_path)
     assert code == 1
     assert "no client named 'nope'" in err
+    code, out, err = await run_cli("token", "../clients", "--socket", socket_path)
+    assert (code, out) == (1, "")
+    assert "no client named '../clients'" in err
 
     assert tcp_token["token_type"] == "Bearer"
     assert 590 <= tcp_token["expires_in"] <= 600
