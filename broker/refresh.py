@@ -48,6 +48,7 @@ class Refresher:
         clock: Clock,
         metrics: Metrics,
         rand: Callable[[], float] = random.random,
+        give_up: asyncio.Event | None = None,
     ) -> None:
         self.name = name
         self.environment = environment
@@ -57,6 +58,9 @@ class Refresher:
         self._clock = clock
         self._metrics = metrics
         self._rand = rand
+        # Set when the broker stops: callers still waiting then get an answer
+        # (503) before the listeners' drain deadline cuts their connection.
+        self._give_up = give_up or asyncio.Event()
 
         self.token: Token | None = None
         self.failures = 0
@@ -115,13 +119,27 @@ class Refresher:
                 raise self.unavailable(min_ttl)
             task = self.refresh()
         log.debug("token.waiting", client=self.name, min_ttl=min_ttl)
-        await asyncio.wait({task}, timeout=self.policy.timeout + 1.0)
+        await self._wait_for(task)
 
         token = self.token
         if token is not None and token.servable(self._clock.now(), min_ttl):
             return token
 
         raise self.unavailable(min_ttl)
+
+    async def _wait_for(self, task: asyncio.Task[Token]) -> None:
+        """Wait for a request in flight, but not past its timeout or a stop."""
+        if self._give_up.is_set():
+            return
+        give_up = asyncio.ensure_future(self._give_up.wait())
+        try:
+            await asyncio.wait(
+                {task, give_up},
+                timeout=self.policy.timeout + 1.0,
+                return_when="FIRST_COMPLETED",
+            )
+        finally:
+            give_up.cancel()
 
     def servable(self) -> Token | None:
         """The cached token if it may be handed out now, else ``None``."""
@@ -151,7 +169,9 @@ class Refresher:
         now = self._clock.now()
         retry_after = max(1.0, self.next_attempt - now)
 
-        if self.last_error is not None:
+        if self._give_up.is_set():
+            reason, message = "stopping", "the broker is shutting down"
+        elif self.last_error is not None:
             reason, message = self.last_error.reason, self.last_error.message
         elif self.token is None:
             reason, message = "pending", "the first token request is not answered yet"

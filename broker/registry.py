@@ -28,6 +28,7 @@ class Registry:
         metrics: Metrics,
     ) -> None:
         self.config = config
+        self.give_up = asyncio.Event()
         self.refreshers = {
             name: Refresher(
                 name,
@@ -37,6 +38,7 @@ class Registry:
                 fetch_for(name),
                 clock=clock,
                 metrics=metrics,
+                give_up=self.give_up,
             )
             for name, spec in config.clients.items()
         }

@@ -72,7 +72,13 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             clients=sorted(config.clients),
         )
         await stop.wait()
-        log.info("broker.stopping", drain_timeout=config.listen.drain_timeout)
+        drain = config.listen.drain_timeout
+        log.info("broker.stopping", drain_timeout=drain)
+        # Callers still waiting for a first token are answered (503) a little
+        # before the drain deadline, rather than cut off by it.
+        asyncio.get_running_loop().call_later(
+            max(0.0, drain - min(1.0, drain / 5)), registry.give_up.set
+        )
 
     log.info("broker.stopped")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import sys
@@ -183,11 +184,11 @@ async def held_issuer() -> AsyncIterator[tuple[TestServer, asyncio.Event]]:
     await server.close()
 
 
-def held_config(workdir: Path, port: int) -> Path:
+def held_config(workdir: Path, port: int, drain: str = "30s") -> Path:
     config = workdir / "held.yaml"
     config.write_text(
         f"""
-listen: {{http: null, unix: {workdir}/h.sock, metrics: null, drain_timeout: 30s}}
+listen: {{http: null, unix: {workdir}/h.sock, metrics: null, drain_timeout: {drain}}}
 refresh: {{timeout: 30s}}
 environments:
   slow: {{token_url: "http://127.0.0.1:{port}/token"}}
@@ -208,11 +209,11 @@ async def ask_over_socket(path: Path) -> tuple[int, str]:
 
 
 async def draining(
-    workdir: Path, server: TestServer
+    workdir: Path, server: TestServer, drain: str = "30s"
 ) -> tuple[process.Broker, asyncio.Task[tuple[int, str]]]:
     """A broker told to stop while a caller waits for its first token."""
     broker = await process.start(
-        held_config(workdir, server.port or 0), "--log-level", "debug"
+        held_config(workdir, server.port or 0, drain), "--log-level", "debug"
     )
     caller = asyncio.create_task(ask_over_socket(workdir / "h.sock"))
     await broker.wait_for_event("token.waiting")
@@ -297,3 +298,16 @@ async def test_check_config_describes_without_secrets(workdir: Path) -> None:
     assert "client_secret_post" in out
     assert f"file {workdir}/secret" in out
     assert SECRET not in out
+
+
+async def test_callers_still_waiting_at_the_drain_deadline_get_503(
+    workdir: Path, held_issuer: tuple[TestServer, asyncio.Event]
+) -> None:
+    """A caller whose token never comes is answered before the drain ends."""
+    broker, caller = await draining(workdir, held_issuer[0], drain="1s")
+
+    status, body = await caller
+
+    assert status == 503
+    assert json.loads(body)["reason"] == "stopping"
+    assert await broker.stop(signum=None) == 0

@@ -369,3 +369,33 @@ async def test_pending_state_before_first_answer(make: RefresherFactory) -> None
     assert refresher.state() == "pending"
     assert refresher.servable() is None
     assert refresher.unavailable().reason == "pending"
+
+
+async def test_waiting_callers_are_released_at_shutdown(
+    clock: FakeClock, metrics: Metrics
+) -> None:
+    """When the broker gives up waiting, callers get 503 reason stopping."""
+    give_up = asyncio.Event()
+    fetch = ScriptedFetch()
+    fetch.hold = asyncio.Event()
+    refresher = Refresher(
+        "chat",
+        "prod",
+        (),
+        policy(),
+        fetch,
+        clock=clock,
+        metrics=metrics,
+        give_up=give_up,
+    )
+    caller = asyncio.create_task(refresher.get())
+    await settle()
+    assert not caller.done()
+
+    give_up.set()
+
+    with pytest.raises(TokenUnavailable) as caught:
+        await caller
+    assert caught.value.reason == "stopping"
+    refresher.cancel()
+    await settle()
