@@ -120,9 +120,15 @@ async def _listen(
 
 
 def _bound(runner: web.AppRunner) -> str:
-    """The address a runner's TCP site really bound, port 0 resolved."""
-    host, port = runner.addresses[0][:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """The addresses a runner's TCP site bound, port 0 resolved.
+
+    ``localhost`` may bind both 127.0.0.1 and ::1; all are listed.
+    """
+    shown = []
+    for address in runner.addresses:
+        host, port = address[:2]
+        shown.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return ",".join(shown)
 
 
 async def _close_listeners(listeners: Listeners, config: Config) -> None:
