@@ -1450,3 +1450,72 @@ def test_huge_numbers_are_refused_not_crashed_on() -> None:
         MINIMAL + f"listen: {{http: {{host: 127.0.0.1, port: 1{'0' * 400}}}}}\n",
         "the number is too large",
     )
+
+
+# Sanity rules added after a review
+
+
+@pytest.mark.parametrize("value", ["no", "yes", 0, 1, "on"])
+def test_booleans_are_true_or_false_only(value: object) -> None:
+    """``required: no`` or ``0`` is refused rather than guessed."""
+    error = refused(with_client(required=value), "expected true or false")
+
+    assert error.key_path == "clients.chat.required"
+
+
+@pytest.mark.parametrize("value", ["true", "False"])
+def test_interpolated_booleans_are_read(value: str) -> None:
+    """``true``/``false`` as text (from ${VAR}) are booleans."""
+    chat = config(with_client(required=value)).clients["chat"]
+
+    assert chat.required is (value.lower() == "true")
+
+
+def test_permanent_backoff_below_max_is_refused() -> None:
+    """A zero permanent backoff would retry a refused secret in a loop."""
+    error = refused(
+        with_section("refresh", {"backoff": {"permanent": 0}}),
+        "permanent must be at least max",
+    )
+
+    assert error.key_path == "refresh.backoff"
+
+
+def test_min_interval_has_a_floor() -> None:
+    """min_interval below one second is refused."""
+    error = refused(with_section("refresh", {"min_interval": "100ms"}), "at least 1")
+
+    assert error.key_path == "refresh.min_interval"
+
+
+def test_a_ca_bundle_that_is_not_pem_is_refused(tmp_path: Path) -> None:
+    """A CA file that holds no certificate fails at load, not at run time."""
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    text = MINIMAL.replace(
+        'prod: {token_url: "https://auth.example.com/oauth2/token"}',
+        'prod: {token_url: "https://auth.example.com/oauth2/token", ca_file: ca.pem}',
+    )
+    (tmp_path / "broker.yaml").write_text(text)
+
+    with pytest.raises(ConfigError, match="no usable PEM certificate") as caught:
+        load(tmp_path / "broker.yaml", ENVIRON)
+    assert caught.value.key_path == "environments.prod.ca_file"
+
+
+def test_socket_directory_must_exist(tmp_path: Path) -> None:
+    """A socket in a missing directory is a config error, not a start failure."""
+    error = refused(
+        with_section("listen", {"unix": str(tmp_path / "no" / "b.sock")}),
+        "does not exist",
+    )
+
+    assert error.key_path == "listen.unix"
+
+
+def test_relative_socket_path_starts_at_the_config_directory(tmp_path: Path) -> None:
+    """``unix: b.sock`` lands next to the config file, whatever the cwd."""
+    (tmp_path / "broker.yaml").write_text(MINIMAL + "listen: {unix: b.sock}\n")
+
+    result = load(tmp_path / "broker.yaml", ENVIRON)
+
+    assert result.config.listen.unix == str(tmp_path / "b.sock")
