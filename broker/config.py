@@ -8,43 +8,52 @@ secret and CA files are readable.
 
 from __future__ import annotations
 
-import ipaddress
-import math
 import os
 import re
 import ssl
-import sys
-from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    FiniteFloat,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from broker.fields import (
+    SCOPE_TOKEN,
+    SUN_PATH_MAX,
+    Bool,
+    Duration,
+    HostPort,
+    Number,
+    StrictModel,
+    check_token_url,
+    is_loopback_host,
+    parse_duration,
+    require_loopback,
+    resolve_path,
+)
 from broker.secret import SecretSource, source_from_spec
 
-# sun_path holds 108 bytes on Linux and 104 on the BSDs, the NUL included.
-SUN_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
+__all__ = [
+    "SUN_PATH_MAX",
+    "Client",
+    "Config",
+    "DevClient",
+    "DevIssuer",
+    "Environment",
+    "HostPort",
+    "Listen",
+    "RefreshPolicy",
+    "check_token_url",
+    "is_loopback_host",
+    "parse_duration",
+]
 
-_DURATION_FORM = "write 30s, 5m, 1h, 1h30m, 250ms or a number of seconds"
-_PLAIN_SECONDS = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
-# Units must come largest first, each at most once: "1h30m", never "30m1h".
-_UNIT_ORDER = ("d", "h", "m", "s", "ms")
-_UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-_PORT = re.compile(r"[0-9]{1,5}")
 _OCTAL_MODE = re.compile(r"(?:0o|0)?([0-7]{3})")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-# RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _RESERVED_PARAMS = frozenset(
     {
         "grant_type",
@@ -59,133 +68,7 @@ _RESERVED_PARAMS = frozenset(
 )
 
 
-def parse_duration(value: object) -> float:
-    """Read ``30s``, ``5m``, ``1h``, ``1h30m``, ``250ms``, ``2d`` or plain seconds.
-
-    Returns seconds. Raises ``ValueError`` for anything else, including
-    booleans, negative, infinite and NaN values.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"expected a duration: {_DURATION_FORM}")
-
-    try:
-        if isinstance(value, str):
-            seconds = _parse_duration_text(value.strip())
-        else:
-            seconds = float(value)
-    except OverflowError:
-        raise ValueError("the duration is too large") from None
-
-    if not math.isfinite(seconds):
-        raise ValueError("the duration is too large")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-
-    return seconds
-
-
-def _parse_duration_text(text: str) -> float:
-    if _PLAIN_SECONDS.fullmatch(text):
-        return float(text)
-
-    pos, total, last_unit = 0, 0.0, -1
-    for match in _DURATION_PART.finditer(text):
-        unit = _UNIT_ORDER.index(match.group(2))
-        if match.start() != pos or unit <= last_unit:
-            break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos, last_unit = match.end(), unit
-    if not text or pos != len(text):
-        raise ValueError(f"{text!r} is not a duration: {_DURATION_FORM}")
-
-    return total
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
-
-def _plain_number(value: object) -> object:
-    # pydantic's lax mode reads true as 1; in a config file that is a mistake.
-    if isinstance(value, bool):
-        raise ValueError("expected a number, not true or false")
-    if isinstance(value, int) and abs(value) > sys.float_info.max:
-        raise ValueError("the number is too large")
-    return value
-
-
-Number = Annotated[FiniteFloat, BeforeValidator(_plain_number)]
-Port = Annotated[int, BeforeValidator(_plain_number)]
-
-
-def _plain_bool(value: object) -> bool:
-    # Only true and false; the strings come from ${VAR} interpolation. Lax
-    # readings of 0, "no" or "off" would turn typos into silent choices.
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError("expected true or false")
-
-
-Bool = Annotated[bool, BeforeValidator(_plain_bool)]
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ``::1`` (brackets allowed)."""
-    host = host.removeprefix("[").removesuffix("]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class _Model(BaseModel):
-    # Inputs stay out of pydantic's own messages: a bad value may be a secret.
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
-
-
-class HostPort(_Model):
-    """A TCP listen address, written ``host:port`` or ``[v6]:port``."""
-
-    host: str = Field(min_length=1)
-    port: Port = Field(ge=0, le=65535)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _parse(cls, value: object) -> object:
-        if isinstance(value, dict):
-            return value
-        if not isinstance(value, str):
-            raise ValueError("expected host:port, such as 127.0.0.1:8181")
-
-        host, sep, port = value.strip().rpartition(":")
-        bracketed = host.startswith("[") and host.endswith("]")
-        if not sep or not host or not _PORT.fullmatch(port) or int(port) > 65535:
-            raise ValueError(f"{value!r} is not host:port, such as 127.0.0.1:8181")
-        if ":" in host and not bracketed:
-            raise ValueError(
-                f"{value!r}: write an IPv6 address in brackets, such as [::1]:8181"
-            )
-
-        return {"host": host.removeprefix("[").removesuffix("]"), "port": int(port)}
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def _require_loopback(address: HostPort | None, what: str) -> HostPort | None:
-    if address is not None and not is_loopback_host(address.host):
-        raise ValueError(
-            f"{what} must listen on a loopback address (127.0.0.1, ::1, "
-            f"localhost), not {address}"
-        )
-    return address
-
-
-class Listen(_Model):
+class Listen(StrictModel):
     """Where the token API and the metrics endpoints listen."""
 
     http: HostPort | None = HostPort(host="127.0.0.1", port=8181)
@@ -197,7 +80,7 @@ class Listen(_Model):
     @field_validator("http")
     @classmethod
     def _http_on_loopback(cls, value: HostPort | None) -> HostPort | None:
-        return _require_loopback(value, "the token API")
+        return require_loopback(value, "the token API")
 
     @model_validator(mode="after")
     def _serves_somewhere(self) -> Listen:
@@ -214,7 +97,7 @@ class Listen(_Model):
             raise ValueError("the socket path is empty; use null to turn it off")
         if "\0" in value:
             raise ValueError("the socket path contains a NUL character")
-        value = _resolve(value, info)
+        value = resolve_path(value, info)
         directory = os.path.dirname(value)
         if not os.path.isdir(directory):
             raise ValueError(f"the socket's directory {directory} does not exist")
@@ -244,7 +127,7 @@ class Listen(_Model):
         return mode
 
 
-class Backoff(_Model):
+class Backoff(StrictModel):
     """How long to wait between failed attempts."""
 
     initial: Duration = 1.0
@@ -263,7 +146,7 @@ class Backoff(_Model):
         return self
 
 
-class RefreshPolicy(_Model):
+class RefreshPolicy(StrictModel):
     """When to refresh, how long to trust a token, how to retry."""
 
     at: Number = Field(0.8, gt=0, le=1)
@@ -278,7 +161,7 @@ class RefreshPolicy(_Model):
     backoff: Backoff = Backoff()
 
 
-class BackoffOverride(_Model):
+class BackoffOverride(StrictModel):
     """A client's own ``refresh.backoff``; keys left out keep the global value."""
 
     initial: Duration | None = None
@@ -286,7 +169,7 @@ class BackoffOverride(_Model):
     permanent: Duration | None = None
 
 
-class RefreshOverride(_Model):
+class RefreshOverride(StrictModel):
     """A client's own ``refresh:``; keys left out keep the global value."""
 
     at: Number | None = Field(None, gt=0, le=1)
@@ -313,43 +196,7 @@ class RefreshOverride(_Model):
         return RefreshPolicy.model_validate(data)
 
 
-def check_token_url(value: str) -> str:
-    """Allow https anywhere and plain http only to a loopback host.
-
-    Raises ``ValueError``. Messages never quote the URL: a mistyped one may
-    carry a password.
-    """
-    try:
-        parts = urlsplit(value)
-        host = parts.hostname
-        _ = parts.port
-    except ValueError:
-        raise ValueError("not a valid URL") from None
-
-    if "@" in parts.netloc:
-        raise ValueError("the URL must not carry credentials (user:password@)")
-    if parts.scheme not in ("https", "http") or not host:
-        raise ValueError(
-            "expected an https URL, such as https://auth.example.com/oauth2/token"
-        )
-    if parts.fragment:
-        raise ValueError("the URL must not have a #fragment")
-    if parts.scheme == "http" and not is_loopback_host(host):
-        raise ValueError(
-            f"plain http to {host} would send the secret in clear; "
-            "use https (http is allowed only to a loopback host)"
-        )
-
-    return value
-
-
-def _resolve(path: str, info: ValidationInfo) -> str:
-    """Resolve a relative path against the config file's directory."""
-    base = (info.context or {}).get("base_dir", ".")
-    return str(Path(base, os.path.expanduser(path)))
-
-
-class Environment(_Model):
+class Environment(StrictModel):
     """One issuer: staging, production, or the embedded dev issuer."""
 
     token_url: str
@@ -365,7 +212,7 @@ class Environment(_Model):
     def _ca_readable(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        path = _resolve(value, info)
+        path = resolve_path(value, info)
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise ValueError(f"cannot read the CA bundle {path}")
         try:
@@ -380,7 +227,7 @@ class Environment(_Model):
 AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
 
 
-class Client(_Model):
+class Client(StrictModel):
     """One client-credentials client, served under its name."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -393,7 +240,7 @@ class Client(_Model):
     encoding: Literal["form", "json"] = "form"
     audience: str | None = None
     resource: str | tuple[str, ...] | None = None
-    params: dict[str, str] = {}
+    params: dict[str, str] = Field(default_factory=dict)
     required: Bool = True
     refresh: RefreshOverride | None = None
 
@@ -420,7 +267,7 @@ class Client(_Model):
     @classmethod
     def _scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for scope in value:
-            if not _SCOPE_TOKEN.fullmatch(scope):
+            if not SCOPE_TOKEN.fullmatch(scope):
                 raise ValueError(
                     f"{scope!r} is not a scope token (RFC 6749 3.3: printable "
                     "ASCII without spaces, double quotes or backslashes)"
@@ -460,21 +307,21 @@ class Client(_Model):
         return self
 
 
-class Log(_Model):
+class Log(StrictModel):
     """Log level and output format."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
 
 
-class DevClient(_Model):
+class DevClient(StrictModel):
     """A client the embedded dev issuer knows (literal secrets: a dev tool)."""
 
     secret: str = Field(min_length=1, repr=False)
     scopes: tuple[str, ...] = ()
 
 
-class DevIssuer(_Model):
+class DevIssuer(StrictModel):
     """The embedded development issuer; loopback only."""
 
     listen: HostPort = HostPort(host="127.0.0.1", port=8180)
@@ -485,10 +332,10 @@ class DevIssuer(_Model):
     @field_validator("listen")
     @classmethod
     def _on_loopback(cls, value: HostPort) -> HostPort | None:
-        return _require_loopback(value, "the dev issuer")
+        return require_loopback(value, "the dev issuer")
 
 
-class Config(_Model):
+class Config(StrictModel):
     """A whole, validated configuration file."""
 
     listen: Listen = Listen()

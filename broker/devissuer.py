@@ -13,7 +13,6 @@ import base64
 import hashlib
 import hmac
 import json
-import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.utils import to_base64url_uint
 
 from broker.config import DevClient, DevIssuer, HostPort
+from broker.fields import SCOPE_TOKEN
 
 TOKEN_PATH = "/oauth2/token"  # noqa: S105 - a URL path, not a password
 JWKS_PATH = "/jwks.json"
@@ -38,8 +38,6 @@ METADATA_PATHS = (
 _LOGGER = "broker.devissuer"
 _CHALLENGE = 'Basic realm="token-broker-dev"'
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-# RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _FORM = "application/x-www-form-urlencoded"
 _JSON = "application/json"
 
@@ -193,7 +191,7 @@ def _granted_scopes(requested: str | None, client: DevClient) -> list[str]:
         return list(client.scopes)
 
     names = requested.split(" ")
-    if not all(_SCOPE_TOKEN.fullmatch(name) for name in names):
+    if not all(SCOPE_TOKEN.fullmatch(name) for name in names):
         raise _Refusal("invalid_scope", "scope is malformed (RFC 6749 section 3.3)")
     refused = [name for name in names if name not in client.scopes]
     if refused:
