@@ -35,7 +35,7 @@ from broker.fields import (
     require_loopback,
     resolve_path,
 )
-from broker.secret import SecretSource, source_from_spec
+from broker.secret import PemFile, SecretSource, pem_from_spec, source_from_spec
 
 __all__ = [
     "SUN_PATH_MAX",
@@ -199,13 +199,22 @@ class RefreshOverride(StrictModel):
 class Environment(StrictModel):
     """One issuer: staging, production, or the embedded dev issuer."""
 
-    token_url: str
+    token_url: str | None = None
+    issuer: str | None = None
     ca_file: str | None = None
 
-    @field_validator("token_url")
+    @field_validator("token_url", "issuer")
     @classmethod
-    def _url(cls, value: str) -> str:
-        return check_token_url(value)
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else check_token_url(value)
+
+    @model_validator(mode="after")
+    def _one_way_to_the_endpoint(self) -> Environment:
+        if (self.token_url is None) == (self.issuer is None):
+            raise ValueError(
+                "give token_url, or issuer to discover it (RFC 8414), not both"
+            )
+        return self
 
     @field_validator("ca_file")
     @classmethod
@@ -224,7 +233,28 @@ class Environment(StrictModel):
         return path
 
 
-AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
+AuthMethod = Literal[
+    "client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth"
+]
+SECRET_METHODS = ("client_secret_basic", "client_secret_post")
+
+
+class ClientCert(StrictModel):
+    """A client certificate and its key (PEM files) for mutual TLS."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    cert: PemFile
+    key: PemFile
+
+    @field_validator("cert", "key", mode="before")
+    @classmethod
+    def _pem(cls, value: object, info: ValidationInfo) -> PemFile:
+        if isinstance(value, PemFile):
+            return value
+        if isinstance(value, str):
+            value = {"file": value}
+        return pem_from_spec(value, (info.context or {}).get("base_dir", "."))
 
 
 class Client(StrictModel):
@@ -243,6 +273,18 @@ class Client(StrictModel):
     params: dict[str, str] = Field(default_factory=dict)
     required: Bool = True
     refresh: RefreshOverride | None = None
+    private_key: PemFile | None = None
+    signing_alg: Literal["RS256", "ES256"] | None = None
+    key_id: str | None = Field(None, min_length=1)
+    assertion_audience: str | None = Field(None, min_length=1)
+    client_cert: ClientCert | None = None
+
+    @field_validator("private_key", mode="before")
+    @classmethod
+    def _key(cls, value: object, info: ValidationInfo) -> PemFile | None:
+        if value is None or isinstance(value, PemFile):
+            return value
+        return pem_from_spec(value, (info.context or {}).get("base_dir", "."))
 
     @field_validator("client_secret", mode="before")
     @classmethod
@@ -300,10 +342,23 @@ class Client(StrictModel):
 
     @model_validator(mode="after")
     def _auth_needs(self) -> Client:
-        if self.auth == "private_key_jwt":
-            raise ValueError("auth private_key_jwt is not supported by this version")
-        if self.client_secret is None:
-            raise ValueError(f"auth {self.auth} needs client_secret")
+        needs = {
+            "client_secret": self.auth in SECRET_METHODS,
+            "private_key": self.auth == "private_key_jwt",
+        }
+        for key, needed in needs.items():
+            present = getattr(self, key) is not None
+            if needed and not present:
+                raise ValueError(f"auth {self.auth} needs {key}")
+            if present and not needed:
+                raise ValueError(f"auth {self.auth} does not use {key}; remove it")
+        if self.auth == "tls_client_auth" and self.client_cert is None:
+            raise ValueError("auth tls_client_auth needs client_cert")
+        if self.auth == "private_key_jwt" and self.private_key is not None:
+            # Imported here: PyJWT and cryptography load only for this method.
+            from broker.assertion import check_key
+
+            check_key(self.private_key.read().reveal(), self.signing_alg)
         return self
 
 
@@ -315,10 +370,46 @@ class Log(StrictModel):
 
 
 class DevClient(StrictModel):
-    """A client the embedded dev issuer knows (literal secrets: a dev tool)."""
+    """A client the embedded dev issuer knows (literal secrets: a dev tool).
 
-    secret: str = Field(min_length=1, repr=False)
+    ``public_key`` (a PEM public key or certificate) lets it authenticate
+    with private_key_jwt; a client may have a secret, a key, or both.
+    """
+
+    secret: str | None = Field(None, min_length=1, repr=False)
+    public_key: str | None = None
     scopes: tuple[str, ...] = ()
+
+    @field_validator("public_key")
+    @classmethod
+    def _public_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        path = resolve_path(value, info)
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise ValueError(f"cannot read the public key {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _can_authenticate(self) -> DevClient:
+        if self.secret is None and self.public_key is None:
+            raise ValueError("give the client a secret, a public_key, or both")
+        return self
+
+
+class DevTls(StrictModel):
+    """The dev issuer's own certificate chain and key, to serve https."""
+
+    cert: str
+    key: str
+
+    @field_validator("cert", "key")
+    @classmethod
+    def _readable(cls, value: str, info: ValidationInfo) -> str:
+        path = resolve_path(value, info)
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise ValueError(f"cannot read {path}")
+        return path
 
 
 class DevIssuer(StrictModel):
@@ -327,6 +418,7 @@ class DevIssuer(StrictModel):
     listen: HostPort = HostPort(host="127.0.0.1", port=8180)
     token_lifetime: Duration = Field(3600.0, gt=0)
     audience: str = "token-broker-dev"
+    tls: DevTls | None = None
     clients: dict[str, DevClient] = Field(min_length=1)
 
     @field_validator("listen")

@@ -54,17 +54,27 @@ def _address(address: HostPort | None) -> str:
 
 def _client_rows(config: Config, client: Client) -> list[tuple[str, str]]:
     environment = config.environments[client.environment]
-    source = client.client_secret
+    if environment.token_url is not None:
+        endpoint = ("token URL", _without_query(environment.token_url))
+    else:
+        endpoint = ("issuer", f"{environment.issuer} (token URL discovered)")
     rows = [
         ("environment", client.environment),
-        ("token URL", _without_query(environment.token_url)),
+        endpoint,
         ("client id", client.client_id),
         ("scopes", " ".join(client.scopes) or "(none)"),
         ("auth", client.auth),
         ("encoding", client.encoding),
         ("required", "yes" if client.required else "no"),
-        ("secret", "none" if source is None else source.describe()),
     ]
+    if client.client_secret is not None:
+        rows.append(("secret", client.client_secret.describe()))
+    if client.private_key is not None:
+        rows.append(("private key", client.private_key.describe()))
+        if client.signing_alg is not None:
+            rows.append(("signing alg", client.signing_alg))
+    if client.client_cert is not None:
+        rows.append(("client cert", client.client_cert.cert.describe()))
     if environment.ca_file is not None:
         rows.append(("CA bundle", environment.ca_file))
     if client.audience is not None:

@@ -1,21 +1,22 @@
 """The embedded dev issuer: a small, strict OAuth 2.0 authorization server.
 
 It grants client-credentials tokens (RFC 6749 4.4) as RS256 JWTs in the
-RFC 9068 access-token profile, publishes its key set and RFC 8414 metadata,
-and refuses bad requests the way a production issuer would, so that the broker
-and other tools can be pointed at it on a laptop. The signing key lives only
-in memory and is new at every start.
+RFC 9068 access-token profile to clients holding a secret or a key (RFC 7523
+2.2), publishes its key set and RFC 8414 metadata, serves https when given a
+certificate, and refuses bad requests the way a production issuer would, so
+that the broker and other tools can be pointed at it on a laptop. The signing
+key lives only in memory and is new at every start.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
-import json
 import secrets
+import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
@@ -23,10 +24,20 @@ import jwt
 import structlog
 from aiohttp import hdrs, web
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.utils import to_base64url_uint
 
-from broker.config import DevClient, DevIssuer, HostPort
+from broker.assertion import (
+    ASSERTION_TYPE,
+    SIGNING_ALGS,
+    SeenIds,
+    jwk_thumbprint,
+    load_public_key,
+    public_jwk,
+    verify_assertion,
+)
+from broker.config import DevClient, DevIssuer, DevTls, HostPort
+from broker.errors import BrokerError
 from broker.fields import SCOPE_TOKEN
+from broker.secret import PemFile
 
 TOKEN_PATH = "/oauth2/token"  # noqa: S105 - a URL path, not a password
 JWKS_PATH = "/jwks.json"
@@ -58,33 +69,12 @@ def _bad_client(description: str) -> _Refusal:
     return _Refusal("invalid_client", description, status=401)
 
 
-def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
-    """Return the RFC 7638 SHA-256 thumbprint of an RSA public JWK."""
-    if jwk.get("kty") != "RSA":
-        raise ValueError("only RSA keys are supported")
-
-    # RFC 7638 section 3.2: the required members only, sorted, no whitespace.
-    canonical = json.dumps(
-        {name: jwk[name] for name in ("e", "kty", "n")},
-        separators=(",", ":"),
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(canonical.encode()).digest()
-
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
 class _SigningKey:
     """An RSA 2048 key made in memory, with its public JWK set."""
 
     def __init__(self) -> None:
         self._private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        numbers = self._private.public_key().public_numbers()
-        public = {
-            "kty": "RSA",
-            "n": to_base64url_uint(numbers.n).decode(),
-            "e": to_base64url_uint(numbers.e).decode(),
-        }
+        public = public_jwk(self._private.public_key())
         self.kid = jwk_thumbprint(public)
         jwk = {**public, "kid": self.kid, "alg": "RS256", "use": "sig"}
         self.jwks = {"keys": [jwk]}
@@ -143,20 +133,34 @@ def _json_pairs(data: object) -> list[tuple[str, object]]:
     return pairs
 
 
-def _credentials(params: Params, authorization: str | None) -> tuple[str, str]:
-    """Return (client_id, secret) from HTTP Basic or from the body."""
+@dataclass(frozen=True)
+class _Presented:
+    """Who a request says it comes from, how, and the secret or assertion."""
+
+    client_id: str
+    method: str
+    proof: str = field(repr=False)
+
+
+def _credentials(params: Params, authorization: str | None) -> _Presented:
+    """Return the client's claimed id and proof: Basic, body secret or assertion."""
     body_id = _single(params, "client_id")
     body_secret = _single(params, "client_secret")
+    assertion = _single(params, "client_assertion")
+    assertion_type = _single(params, "client_assertion_type")
+    by_assertion = assertion is not None or assertion_type is not None
+    if (authorization is not None) + (body_secret is not None) + by_assertion > 1:
+        # RFC 6749 section 2.3.1: one authentication method per request.
+        raise _Refusal(
+            "invalid_request", "use one client authentication method, not several"
+        )
+
+    if by_assertion:
+        return _assertion_credentials(body_id, assertion, assertion_type)
     if authorization is None:
         if body_id is None or body_secret is None:
             raise _bad_client("client authentication is missing")
-        return body_id, body_secret
-
-    if body_secret is not None:
-        # RFC 6749 section 2.3.1: one authentication method per request.
-        raise _Refusal(
-            "invalid_request", "authenticate by HTTP Basic or in the body, not both"
-        )
+        return _Presented(body_id, "client_secret_post", body_secret)
     client_id, secret = _basic(authorization)
     # A bare client_id beside Basic is an identifier, not a second method;
     # several client libraries send it, so accept it when it agrees.
@@ -165,7 +169,27 @@ def _credentials(params: Params, authorization: str | None) -> tuple[str, str]:
             "invalid_request", "client_id in the body differs from the Basic one"
         )
 
-    return client_id, secret
+    return _Presented(client_id, "client_secret_basic", secret)
+
+
+def _assertion_credentials(
+    body_id: str | None, assertion: str | None, assertion_type: str | None
+) -> _Presented:
+    if assertion_type != ASSERTION_TYPE:
+        raise _bad_client(f"client_assertion_type must be {ASSERTION_TYPE}")
+    if assertion is None:
+        raise _bad_client("client_assertion is missing")
+    try:
+        unverified = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        raise _bad_client("the client assertion is not a well-formed JWT") from None
+
+    # RFC 7523 section 3: sub is the client_id; the body may name it as well.
+    client_id = unverified.get("sub") if body_id is None else body_id
+    if not isinstance(client_id, str) or not client_id:
+        raise _bad_client("the client assertion has no sub naming the client")
+
+    return _Presented(client_id, "private_key_jwt", assertion)
 
 
 def _basic(authorization: str) -> tuple[str, str]:
@@ -246,6 +270,13 @@ class _Issuer:
         self._issuer_url = issuer_url
         self._now = now
         self._key = _SigningKey()
+        self._seen = SeenIds()
+        for name, client in settings.clients.items():
+            if client.public_key is not None:
+                try:
+                    load_public_key(PemFile(client.public_key))
+                except ValueError as exc:
+                    raise BrokerError(f"dev_issuer.clients.{name}: {exc}") from None
         # Compared against for unknown ids, so timing does not tell which exist.
         self._decoy = secrets.token_urlsafe(32)
         self._log = structlog.get_logger(_LOGGER)
@@ -254,18 +285,57 @@ class _Issuer:
         """Return the issuer identifier, without a trailing slash."""
         return self._issuer_url().rstrip("/")
 
-    def _authenticate(self, client_id: str, secret: str) -> DevClient:
+    def _authenticate(self, presented: _Presented) -> DevClient:
+        if presented.method == "private_key_jwt":
+            return self._verify_assertion(presented.client_id, presented.proof)
+
+        client_id, secret = presented.client_id, presented.proof
         client = self._settings.clients.get(client_id)
         expected = self._decoy if client is None else client.secret
-        matches = hmac.compare_digest(secret.encode(), expected.encode())
-        if client is None or not matches:
+        # A client without a secret still costs a comparison, like an unknown one.
+        matches = hmac.compare_digest(
+            secret.encode(), (expected or self._decoy).encode()
+        )
+        if client is None or expected is None or not matches:
             raise _bad_client("client authentication failed")
 
         return client
 
-    def grant(self, client_id: str, secret: str, params: Params) -> dict[str, Any]:
+    def _verify_assertion(self, client_id: str, assertion: str) -> DevClient:
+        client = self._settings.clients.get(client_id)
+        if client is None or client.public_key is None:
+            raise _bad_client("no client with this id has a registered public key")
+        try:
+            # Read per request, so a rotated key file counts at once.
+            key, alg = load_public_key(PemFile(client.public_key))
+        except ValueError as exc:
+            self._log.warning(
+                "dev_issuer.public_key_unusable", client=client_id, error=str(exc)
+            )
+            raise _bad_client(
+                "the client's registered public key is unusable"
+            ) from None
+
+        base, now = self.base_url(), self._now()
+        try:
+            verify_assertion(
+                assertion,
+                key,
+                alg,
+                client_id=client_id,
+                audiences=[base + TOKEN_PATH, base],
+                now=now,
+                seen=self._seen,
+            )
+        except ValueError as exc:
+            raise _bad_client(str(exc)) from None
+
+        return client
+
+    def grant(self, presented: _Presented, params: Params) -> dict[str, Any]:
         """Check one client-credentials request and return the token response."""
-        client = self._authenticate(client_id, secret)
+        client = self._authenticate(presented)
+        client_id = presented.client_id
         grant_type = _single(params, "grant_type")
         if grant_type is None:
             raise _Refusal("invalid_request", "grant_type is missing")
@@ -301,10 +371,9 @@ class _Issuer:
         client_id: str | None = None
         try:
             params = await _read_params(request)
-            client_id, secret = _credentials(
-                params, request.headers.get(hdrs.AUTHORIZATION)
-            )
-            body = self.grant(client_id, secret, params)
+            presented = _credentials(params, request.headers.get(hdrs.AUTHORIZATION))
+            client_id = presented.client_id
+            body = self.grant(presented, params)
         except _Refusal as refusal:
             self._log.info(
                 "dev_issuer.token_refused", client=client_id, error=refusal.error
@@ -312,7 +381,10 @@ class _Issuer:
             return _refusal_response(refusal)
 
         self._log.info(
-            "dev_issuer.token_issued", client=client_id, scope=body.get("scope", "")
+            "dev_issuer.token_issued",
+            client=client_id,
+            auth=presented.method,
+            scope=body.get("scope", ""),
         )
         return web.json_response(body, headers=_NO_STORE)
 
@@ -332,7 +404,9 @@ class _Issuer:
             "token_endpoint_auth_methods_supported": [
                 "client_secret_basic",
                 "client_secret_post",
+                "private_key_jwt",
             ],
+            "token_endpoint_auth_signing_alg_values_supported": list(SIGNING_ALGS),
             "scopes_supported": sorted(scopes),
             # RFC 8414 section 2 requires this array, and RFC 7591 section 2.1
             # pairs client_credentials with no response type. Without an
@@ -380,20 +454,41 @@ class DevIssuerServer:
         await self._runner.cleanup()
 
 
+def _tls_context(tls: DevTls) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except OSError as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or "unreadable"
+        raise BrokerError(
+            f"dev_issuer.tls: {tls.cert} and {tls.key} are not a usable "
+            f"certificate chain and key ({reason})"
+        ) from None
+
+    return context
+
+
 async def start(settings: DevIssuer, *, port: int | None = None) -> DevIssuerServer:
-    """Serve the dev issuer on ``settings.listen``; ``port`` 0 picks a free one."""
+    """Serve the dev issuer on ``settings.listen``; ``port`` 0 picks a free one.
+
+    With ``settings.tls`` it serves https. Raises :class:`BrokerError` when
+    the certificate, its key or a client's public key cannot be used.
+    """
     host = settings.listen.host
+    tls = None if settings.tls is None else _tls_context(settings.tls)
     url = ""  # set below, before the loop can deliver the first request
     runner = web.AppRunner(create_app(settings, issuer_url=lambda: url))
     await runner.setup()
     try:
         bind_port = settings.listen.port if port is None else port
-        await web.TCPSite(runner, host, bind_port).start()
+        await web.TCPSite(runner, host, bind_port, ssl_context=tls).start()
     except BaseException:
         await runner.cleanup()
         raise
 
-    url = f"http://{HostPort(host=host, port=runner.addresses[0][1])}"
+    scheme = "http" if tls is None else "https"
+    url = f"{scheme}://{HostPort(host=host, port=runner.addresses[0][1])}"
     structlog.get_logger(_LOGGER).info(
         "dev_issuer.started", url=url, clients=len(settings.clients)
     )

@@ -13,13 +13,13 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode
 
 from broker import __version__
 from broker.config import Client
 from broker.errors import IssuerError
+from broker.schedule import http_date, retry_delay
 from broker.secret import Secret
 from broker.token import Grant
 
@@ -36,6 +36,14 @@ OAUTH_ERRORS = frozenset(
         "invalid_target",
     }
 )
+# Words for trouble on the issuer's own side (RFC 6749 4.1.2.1 defines them
+# for the authorization endpoint; token endpoints send them too). Whatever
+# the status, they are transient and count as http_5xx, the reason for "the
+# issuer failed, not our request": no new label value, alerts on issuer
+# trouble see them, and the message keeps the real status and word.
+SERVER_TROUBLE = frozenset({"server_error", "temporarily_unavailable"})
+# RFC 8628 3.5's "slow down" is a rate limit by another name.
+RATE_WORDS = frozenset({"slow_down"})
 REASONS = OAUTH_ERRORS | {
     "http_3xx",
     "http_4xx",
@@ -57,6 +65,8 @@ MAX_EXPIRES_IN = 366 * 86400.0
 _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+# Quota headers some gateways send with a 400 or 403 instead of a 429.
+_REMAINING = ("RateLimit-Remaining", "X-RateLimit-Remaining", "X-Rate-Limit-Remaining")
 
 
 @dataclass(frozen=True)
@@ -68,16 +78,33 @@ class TokenRequest:
     body: bytes = field(repr=False)
 
 
-def build_request(client: Client, url: str, secret: Secret) -> TokenRequest:
-    """Build the POST for ``client`` with its current ``secret``."""
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+def build_request(client: Client, url: str, credential: Secret | None) -> TokenRequest:
+    """Build the POST for ``client``, authenticated by its auth method.
+
+    ``credential`` is the client secret (client_secret_basic / _post), a
+    signed assertion (private_key_jwt), or ``None`` (tls_client_auth, where
+    the TLS client certificate authenticates). Exactly one method is used.
+    """
     params: dict[str, Any] = {"grant_type": "client_credentials"}
     headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
 
     if client.auth == "client_secret_basic":
-        headers["Authorization"] = basic_credentials(client.client_id, secret)
+        assert credential is not None
+        headers["Authorization"] = basic_credentials(client.client_id, credential)
     else:
+        # RFC 7523 3 makes client_id optional with an assertion; some issuers
+        # need it, none refuse it. RFC 8705 2 requires it for mutual TLS.
         params["client_id"] = client.client_id
-        params["client_secret"] = secret.reveal()
+    if client.auth == "client_secret_post":
+        assert credential is not None
+        params["client_secret"] = credential.reveal()
+    elif client.auth == "private_key_jwt":
+        assert credential is not None
+        params["client_assertion_type"] = JWT_BEARER
+        params["client_assertion"] = credential.reveal()
     if client.scopes:
         params["scope"] = " ".join(client.scopes)
     if client.audience is not None:
@@ -109,11 +136,13 @@ def parse_response(
     *,
     wall_now: float,
     redact: Iterable[str] = (),
+    client: Client | None = None,
 ) -> Grant:
     """Read a token response; raise :class:`IssuerError` for any failure.
 
     ``redact`` lists values (the secret) to scrub from any preview of the
-    body that ends up in the error message.
+    body that ends up in the error message. ``client`` is who asked: a
+    refusal then says which client_id and scopes the issuer turned down.
     """
     redact = tuple(redact)
     content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -127,9 +156,13 @@ def parse_response(
                 f"({_unreadable(body, content_type, redact)})",
                 status=status,
             )
-        return _read_grant(document, status)
+        # Some servers answer 200 with an RFC 6749 5.2 error body: the word
+        # says more than "no access_token" and decides the retry class.
+        token = document.get("access_token")
+        if (isinstance(token, str) and token.strip()) or not _error_word(document):
+            return _read_grant(document, status, client)
 
-    raise _classify(status, headers, document, body, wall_now, redact)
+    raise _classify(status, headers, document, body, wall_now, redact, client)
 
 
 def _unreadable(body: bytes, content_type: str, redact: Iterable[str]) -> str:
@@ -156,7 +189,9 @@ def _decode(body: bytes, content_type: str) -> dict[str, Any] | None:
     return None
 
 
-def _read_grant(document: Mapping[str, Any], status: int) -> Grant:
+def _read_grant(
+    document: Mapping[str, Any], status: int, client: Client | None
+) -> Grant:
     token = document.get("access_token")
     if not isinstance(token, str) or not token.strip():
         raise IssuerError(
@@ -178,12 +213,16 @@ def _read_grant(document: Mapping[str, Any], status: int) -> Grant:
         not isinstance(token_type, str) or token_type.lower() != "bearer"
     ):
         # A DPoP or MAC token is bound to a key we do not hold: serving it as
-        # a bearer token would fail at every API (RFC 9449 section 5).
+        # a bearer token would fail at every API (RFC 9449 section 5). The
+        # issuer binds this client's tokens until its own configuration
+        # changes, so retrying soon only adds load: permanent.
         shown = _clean(str(token_type))[:40]
         raise IssuerError(
             "malformed_response",
-            f"token_type {shown!r} is not Bearer; only bearer tokens are served",
+            f"token_type {shown!r}{_for_whom(client)} is not Bearer; "
+            "only bearer tokens are served",
             status=status,
+            permanent=True,
         )
 
     scope = document.get("scope")
@@ -233,23 +272,23 @@ def _classify(
     body: bytes,
     wall_now: float,
     redact: Iterable[str],
+    client: Client | None,
 ) -> IssuerError:
-    code = document.get("error") if document else None
-    code = code if isinstance(code, str) and code in OAUTH_ERRORS else None
-    detail = _description(document, redact) if document else preview(body, redact)
-    retry_after = parse_retry_after(headers.get("Retry-After"), wall_now)
+    word = _error_word(document)
+    said = _said(word, document, body, redact)
+    retry_after = retry_delay(headers, wall_now)
 
-    if status == 429:
+    if status == 429 or word in RATE_WORDS or _limit_reached(status, word, headers):
         return IssuerError(
             "rate_limited",
-            f"status 429 (too many requests){_suffix(detail)}",
+            f"status {status} (too many requests){_suffix(word or said)}",
             status=status,
             retry_after=retry_after,
         )
-    if status >= 500:
+    if status >= 500 or word in SERVER_TROUBLE:
         return IssuerError(
             "http_5xx",
-            f"status {status}{_suffix(code or detail)}",
+            f"status {status}{f': {word}' if word else ''}{_suffix(said)}",
             status=status,
             retry_after=retry_after,
         )
@@ -263,23 +302,73 @@ def _classify(
             status=status,
             permanent=True,
         )
+    code = word
     if code is None and status == 401:
         code = "invalid_client"
 
     reason = code or "http_4xx"
-    message = f"status {status}: {code or 'client error'}{_suffix(detail)}"
+    message = (
+        f"status {status}: {word or 'client error'}{_suffix(said)}{_asked(client)}"
+    )
 
     return IssuerError(
         reason, message, status=status, permanent=True, retry_after=retry_after
     )
 
 
-def _description(document: Mapping[str, Any], redact: Iterable[str]) -> str:
+def _error_word(document: Mapping[str, Any] | None) -> str | None:
+    """The issuer's ``error`` if it is a word we act on, else ``None``."""
+    word = document.get("error") if document else None
+    if isinstance(word, str) and word in OAUTH_ERRORS | SERVER_TROUBLE | RATE_WORDS:
+        return word
+    return None
+
+
+def _said(
+    word: str | None,
+    document: Mapping[str, Any] | None,
+    body: bytes,
+    redact: Iterable[str],
+) -> str:
+    """What the issuer said beyond a known error word, shortened and scrubbed."""
+    if document is None:
+        return preview(body, redact)
     text = document.get("error_description")
     if isinstance(text, str) and text:
         return _shorten(text, redact, 200)
     error = document.get("error")
-    return _shorten(str(error), redact, 60) if error is not None else ""
+    if error is None or word is not None:
+        return ""
+
+    return _shorten(str(error), redact, 60)
+
+
+def _limit_reached(status: int, word: str | None, headers: Mapping[str, str]) -> bool:
+    # Some gateways refuse an exhausted quota with 403 or 400 rather than
+    # 429; an OAuth error word still wins, since it names the real cause.
+    if word is not None or not 400 <= status < 500:
+        return False
+    return any(headers.get(name, "").strip() == "0" for name in _REMAINING)
+
+
+def _for_whom(client: Client | None) -> str:
+    return "" if client is None else f" issued to client_id {client.client_id!r}"
+
+
+def _asked(client: Client | None) -> str:
+    """What a refused request asked for, to compare with the issuer's records."""
+    if client is None:
+        return ""
+    scopes = " ".join(client.scopes)
+    asked = [f"scope {scopes!r}" if scopes else "no scope"]
+    if client.audience is not None:
+        asked.append(f"audience {client.audience!r}")
+    if client.resource is not None:
+        resource = client.resource
+        resource = resource if isinstance(resource, str) else " ".join(resource)
+        asked.append(f"resource {resource!r}")
+
+    return f"; client_id {client.client_id!r} asked for " + ", ".join(asked)
 
 
 def _shorten(text: str, redact: Iterable[str], size: int) -> str:
@@ -337,19 +426,26 @@ def _spellings(redact: Iterable[str]) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
-def parse_retry_after(value: str | None, wall_now: float) -> float | None:
-    """Read ``Retry-After`` as seconds (RFC 9110 10.2.3: delay or HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        seconds = float(value)
-        return seconds if math.isfinite(seconds) else None
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        return None
+def issuer_clock_skew(
+    headers: Mapping[str, str], wall_sent: float, wall_received: float
+) -> float | None:
+    """Seconds the issuer's clock runs ahead of ours (negative: behind).
 
-    return max(0.0, moment.timestamp() - wall_now)
+    Read from its ``Date`` header; ``None`` when it sent none we can read.
+    The issuer stamped Date at some moment between our send and our
+    receipt, truncated to the second, so any skew inside that window could
+    be mere resolution and round trip: the answer is the smallest skew that
+    explains what we saw, ``0.0`` when none is needed.
+    """
+    stamped = http_date(headers.get("Date", ""))
+    if stamped is None:
+        return None
+    wall_received = max(wall_received, wall_sent)
+
+    at_least = stamped - wall_received
+    at_most = stamped + 1.0 - wall_sent
+    if at_least > 0:
+        return at_least
+    if at_most < 0:
+        return at_most
+    return 0.0

@@ -1,86 +1,132 @@
-"""Send token requests to issuers over one shared aiohttp client session."""
+"""Send token requests to issuers: discover, authenticate, send, classify."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import time
-import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
+import structlog
 
-from broker import redact
-from broker.config import Client, Environment, is_loopback_host
+from broker import credentials, redact
+from broker.config import Client, Environment
+from broker.discovery import Discovery, check_method
 from broker.errors import IssuerError
-from broker.grant import build_request, parse_response
+from broker.grant import build_request, issuer_clock_skew, parse_response
+from broker.metrics import Metrics
 from broker.secret import Secret
 from broker.token import Grant
+from broker.transport import (
+    TlsContexts,
+    TlsFileError,
+    cause_of,
+    client_session,
+    proxy_for,
+    read_capped,
+    why,
+)
+
+__all__ = ["MAX_BODY", "IssuerClient", "client_session", "proxy_for"]
 
 # A token response is a few kilobytes; anything far larger is not one.
 MAX_BODY = 256 * 1024
+# However long the whole request may take, a TCP or TLS handshake that has
+# not finished in this long is not going to.
+CONNECT_TIMEOUT = 5.0
+
+# Seconds of difference between the issuer's Date and our clock worth a
+# warning: beyond the usual leeway of JWT validators (a minute or so).
+SKEW_WARNING = 30.0
+
+SkewObserver = Callable[[str, float], None]
+
+log = structlog.get_logger("broker.issuer")
 
 
 class IssuerClient:
     """Fetch tokens; every failure comes out as a classified IssuerError."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        observe_skew: SkewObserver | None = None,
+    ) -> None:
         self._session = session
-        self._tls: dict[str | None, ssl.SSLContext] = {}
+        self._tls = TlsContexts()
+        self.discovery = Discovery(session)
+        self._observe_skew = observe_skew
 
-    def tls_context(self, ca_file: str | None) -> ssl.SSLContext:
-        """Verification always on; ``ca_file`` is trusted on top of the system."""
-        if ca_file not in self._tls:
-            context = ssl.create_default_context()
-            if ca_file:
-                context.load_verify_locations(cafile=ca_file)
-            self._tls[ca_file] = context
-        return self._tls[ca_file]
-
-    async def fetch(self, client: Client, env: Environment, timeout: float) -> Grant:
+    async def fetch(
+        self,
+        client: Client,
+        env: Environment,
+        timeout: float,
+        environment: str = "",
+    ) -> Grant:
         """Run one client-credentials request for ``client`` at ``env``.
 
-        Raises :class:`IssuerError` for every failure, the secret file that
-        cannot be read included.
+        ``timeout`` bounds the whole exchange, metadata look-up included.
+        Raises :class:`IssuerError` for every failure. When the issuer
+        refuses the client and its credential file has changed since it was
+        read (a rotation caught mid-flight), the request is sent once more.
         """
-        secret = _read_secret(client)
-        request = build_request(client, env.token_url, secret)
-        where = _where(env.token_url)
-        tls = self._tls_or_fail(env.ca_file)
-        # Every form the secret travels in, for the log chain and for error
-        # messages quoting what an issuer echoed back.
-        sent = [secret.reveal()]
-        authorization = request.headers.get("Authorization", "")
-        if authorization.startswith("Basic "):
-            sent.append(authorization.removeprefix("Basic "))
-        for value in sent:
-            redact.remember_secret(value)
-
+        where = _where(env.token_url or env.issuer or "")
         try:
             async with asyncio.timeout(timeout):
-                async with self._session.post(
-                    request.url,
-                    data=request.body,
-                    headers=dict(request.headers),
-                    ssl=tls,
-                    proxy=proxy_for(request.url),
-                    allow_redirects=False,
-                ) as response:
-                    status, headers = response.status, response.headers
-                    body = await _read_capped(response)
-        except TimeoutError:
+                before = credentials.fingerprint(client)
+                try:
+                    return await self._fetch(client, env, timeout, environment)
+                except IssuerError as exc:
+                    if exc.reason != "invalid_client":
+                        raise
+                    if credentials.fingerprint(client) in ("", before):
+                        raise
+                log.info("token.credentials_rotated", client=client.client_id)
+                return await self._fetch(client, env, timeout, environment)
+        except TimeoutError as exc:
             raise IssuerError(
-                "timeout", f"no answer from {where} within {timeout:g}s"
+                "timeout", _timeout_message(exc, where, timeout)
             ) from None
+
+    async def _fetch(
+        self, client: Client, env: Environment, timeout: float, environment: str
+    ) -> Grant:
+        tls = self._tls_or_fail(env, client)
+        url = await self._token_url(client, env, tls)
+        secret = credentials.credential(client, url)
+        request = build_request(client, url, secret)
+        sent = _sent_forms(secret, request.headers.get("Authorization", ""))
+        where = _where(url)
+
+        wall_sent = time.time()
+        try:
+            async with self._session.post(
+                request.url,
+                data=request.body,
+                headers=dict(request.headers),
+                ssl=tls,
+                proxy=proxy_for(request.url),
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=min(timeout, CONNECT_TIMEOUT), sock_read=timeout
+                ),
+            ) as response:
+                status, headers = response.status, response.headers
+                body = await read_capped(response, MAX_BODY)
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
             raise IssuerError("tls", _tls_failure(where, exc, env)) from None
         except (aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc, TimeoutError):
+                raise
             raise IssuerError(
-                "connection", f"cannot reach {where}: {_why(exc)}"
+                "connection", f"cannot reach {where}: {why(exc)}"
             ) from None
 
+        self._skew(headers, wall_sent, environment)
         if body is None:
             raise IssuerError(
                 "malformed_response",
@@ -88,109 +134,82 @@ class IssuerClient:
                 status=status,
             )
 
-        return parse_response(
-            status,
-            headers,
-            body,
-            wall_now=time.time(),
-            redact=sent,
-        )
+        return parse_response(status, headers, body, wall_now=time.time(), redact=sent)
 
-    def _tls_or_fail(self, ca_file: str | None) -> ssl.SSLContext:
+    async def _token_url(
+        self, client: Client, env: Environment, tls: ssl.SSLContext
+    ) -> str:
+        if env.token_url is not None:
+            return env.token_url
+
+        assert env.issuer is not None, "config validation guarantees one of them"
+        metadata = await self.discovery.metadata(env.issuer, tls, proxy_for(env.issuer))
+        check_method(metadata, client.auth, client.signing_alg)
+        return metadata.token_endpoint
+
+    def _tls_or_fail(self, env: Environment, client: Client) -> ssl.SSLContext:
         try:
-            return self.tls_context(ca_file)
-        except (ssl.SSLError, OSError) as exc:
-            # The bundle was readable at load time; it may since have been
-            # replaced by a broken one, which must not crash the refresher.
-            raise IssuerError(
-                "tls", f"cannot load the CA bundle {ca_file}: {_why(exc)}"
-            ) from None
+            return self._tls.get(env.ca_file, client.client_cert)
+        except TlsFileError as exc:
+            # The files were readable at load time; they may since have been
+            # replaced by broken ones, which must not crash the refresher.
+            raise IssuerError("tls", str(exc)) from None
+
+    def _skew(
+        self, headers: Mapping[str, str], wall_sent: float, environment: str
+    ) -> None:
+        if self._observe_skew is None:
+            return
+        skew = issuer_clock_skew(headers, wall_sent, time.time())
+        if skew is not None:
+            self._observe_skew(environment, skew)
 
 
-@contextlib.asynccontextmanager
-async def client_session() -> AsyncIterator[aiohttp.ClientSession]:
-    """The one session all token requests share.
+def skew_observer(metrics: Metrics, warn_at: float = SKEW_WARNING) -> SkewObserver:
+    """Export each issuer's clock skew; log when it passes ``warn_at``.
 
-    It does not trust the environment: proxies come from :func:`proxy_for`
-    per request, and ``~/.netrc`` must not add credentials of its own.
+    Expiry is timed from our own send time, so a skewed issuer cannot make
+    us serve a dead token; but its APIs judge ``exp`` on their own clock,
+    and an operator should know. One log line per environment and change.
     """
-    connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=60)
-    async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
-        yield session
+    warned: dict[str, int] = {}
+
+    def observe(environment: str, skew: float) -> None:
+        metrics.issuer_skew(environment, skew)
+        rounded = round(skew)
+        if abs(skew) >= warn_at and warned.get(environment) != rounded:
+            warned[environment] = rounded
+            log.warning("issuer.clock_skew", environment=environment, skew=rounded)
+
+    return observe
 
 
-def proxy_for(url: str) -> str | None:
-    """The proxy for a token request: ``HTTPS_PROXY`` unless ``NO_PROXY``.
-
-    Only https requests ever go through a proxy. Plain http is allowed only
-    to loopback hosts, and an ``HTTP_PROXY`` would carry such a request, the
-    secret in clear, off the machine. The session does not read the
-    environment itself, so ``~/.netrc`` cannot add a second set of
-    credentials either.
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.scheme != "https" or is_loopback_host(host):
-        return None
-    proxies = urllib.request.getproxies_environment()
-    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-    if "https" not in proxies or bypass(host):
-        return None
-
-    return proxies["https"]
+def _sent_forms(secret: Secret | None, authorization: str) -> list[str]:
+    """Every form the credential travels in, for scrubbing and the log chain."""
+    sent = [] if secret is None else [secret.reveal()]
+    if authorization.startswith("Basic "):
+        sent.append(authorization.removeprefix("Basic "))
+    for value in sent:
+        redact.remember_secret(value)
+    return sent
 
 
-async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:
-    """Read the body; ``None`` once it is past :data:`MAX_BODY`.
-
-    One ``read(n)`` returns what has arrived so far, not ``n`` bytes, so a
-    body that comes in several packets is read in a loop.
-    """
-    if (response.content_length or 0) > MAX_BODY:
-        return None
-
-    body = bytearray()
-    while chunk := await response.content.read(MAX_BODY + 1 - len(body)):
-        body += chunk
-        if len(body) > MAX_BODY:
-            return None
-
-    return bytes(body)
+def _timeout_message(exc: BaseException, where: str, timeout: float) -> str:
+    name = type(exc).__name__
+    if "Connection" in name:
+        return f"connecting to {where} took longer than {CONNECT_TIMEOUT:g}s"
+    if "Socket" in name:
+        return f"{where} sent nothing for {timeout:g}s"
+    return f"no complete answer from {where} within {timeout:g}s"
 
 
-def _read_secret(client: Client) -> Secret:
-    assert client.client_secret is not None, "config validation guarantees it"
-    try:
-        return client.client_secret.read()
-    except ValueError as exc:
-        raise IssuerError("secret_unreadable", str(exc)) from None
+def _tls_failure(where: str, exc: BaseException, env: Environment) -> str:
+    message = f"TLS with {where} failed: {why(exc)}"
+    if env.ca_file is None and isinstance(cause_of(exc), ssl.SSLCertVerificationError):
+        message += "; if the issuer uses a private CA, set ca_file for it"
+    return message
 
 
 def _where(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
-def _tls_failure(where: str, exc: BaseException, env: Environment) -> str:
-    message = f"TLS with {where} failed: {_why(exc)}"
-    if env.ca_file is None and _verification_failed(exc):
-        message += "; if the issuer uses a private CA, set ca_file for it"
-    return message
-
-
-def _verification_failed(exc: BaseException) -> bool:
-    return isinstance(_cause(exc), ssl.SSLCertVerificationError)
-
-
-def _why(exc: BaseException) -> str:
-    """A short cause: the OS error text when there is one, else the class."""
-    cause = _cause(exc)
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return cause.verify_message or "certificate verification failed"
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    return type(exc).__name__
-
-
-def _cause(exc: BaseException) -> BaseException:
-    return getattr(exc, "os_error", None) or exc.__cause__ or exc

@@ -45,6 +45,13 @@ class Metrics:
             ["client", "listener", "result"],
             registry=self.registry,
         )
+        self.clock_skew = Gauge(
+            "token_broker_issuer_clock_skew_seconds",
+            "How far the issuer's clock is ahead of ours (negative: behind), "
+            "beyond what the Date header's one-second resolution explains.",
+            ["environment"],
+            registry=self.registry,
+        )
         self.build = Info(
             "token_broker_build", "Version of token-broker.", registry=self.registry
         )
@@ -80,3 +87,7 @@ class Metrics:
     def served(self, client: str, listener: str, result: str) -> None:
         """Count one token handed out (or refused) to a local caller."""
         self.requests.labels(client, listener, result).inc()
+
+    def issuer_skew(self, environment: str, seconds: float) -> None:
+        """Record the clock skew last measured against an environment's issuer."""
+        self.clock_skew.labels(environment).set(seconds)

@@ -32,6 +32,9 @@ log = structlog.get_logger("broker.refresh")
 
 # However short-lived a token, never ask for the next one sooner than this.
 MIN_REFRESH_DELAY = 1.0
+# Failures that a rotated secret, key or certificate can cure.
+CREDENTIAL_REASONS = frozenset({"invalid_client", "secret_unreadable"})
+CREDENTIAL_CHECK_EVERY = 5.0
 
 
 class Refresher:
@@ -49,6 +52,7 @@ class Refresher:
         metrics: Metrics,
         rand: Callable[[], float] = random.random,
         give_up: asyncio.Event | None = None,
+        fingerprint: Callable[[], str] | None = None,
     ) -> None:
         self.name = name
         self.environment = environment
@@ -61,6 +65,10 @@ class Refresher:
         # Set when the broker stops: callers still waiting then get an answer
         # (503) before the listeners' drain deadline cuts their connection.
         self._give_up = give_up or asyncio.Event()
+        # A digest of the credential files, to notice a rotation while the
+        # issuer refuses the client (see _watch_credentials).
+        self._fingerprint = fingerprint
+        self._refused_with: str | None = None
 
         self.token: Token | None = None
         self.failures = 0
@@ -196,15 +204,39 @@ class Refresher:
         return allowed
 
     async def _wait(self, seconds: float) -> None:
-        """Sleep on the clock, or less when another caller changed the plan."""
+        """Sleep on the clock, or less when another caller changed the plan
+        or a refused client's credentials were rotated."""
         self._changed.clear()
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        changed = asyncio.ensure_future(self._changed.wait())
+        waiters = {
+            asyncio.ensure_future(self._clock.sleep(seconds)),
+            asyncio.ensure_future(self._changed.wait()),
+        }
+        if self._refused_with is not None:
+            waiters.add(asyncio.ensure_future(self._watch_credentials()))
         try:
-            await asyncio.wait({sleeper, changed}, return_when="FIRST_COMPLETED")
+            await asyncio.wait(waiters, return_when="FIRST_COMPLETED")
         finally:
-            sleeper.cancel()
-            changed.cancel()
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _watch_credentials(self) -> None:
+        """Return once the credential files differ from the refused ones.
+
+        A refused client waits ``backoff.permanent``; a secret rotated in
+        the meantime (a Kubernetes secret volume swapping its ``..data``
+        link, say) should be tried at once. There is no portable file
+        notification for a symlink swap, so the digest is checked every
+        few seconds, and only while the client is refused.
+        """
+        assert self._fingerprint is not None
+        while True:
+            await self._clock.sleep(CREDENTIAL_CHECK_EVERY)
+            current = self._fingerprint()
+            if current and current != self._refused_with:
+                break
+
+        log.info("token.credentials_changed", client=self.name)
+        self.next_attempt = self._clock.now()
 
     async def _attempt(self) -> Token:
         started = self._clock.now()
@@ -248,6 +280,7 @@ class Refresher:
             redact.forget_secret(previous.value.reveal())
         self.failures = 0
         self.last_error = None
+        self._refused_with = None
         self.last_success_wall = self._clock.wall()
         self.next_attempt = token.refresh_at
         self._changed.set()
@@ -272,6 +305,8 @@ class Refresher:
     def _failed(self, error: IssuerError, duration: float) -> None:
         self.failures += 1
         self.last_error = error
+        if error.reason in CREDENTIAL_REASONS and self._fingerprint is not None:
+            self._refused_with = self._fingerprint()
         delay = backoff_delay(self.failures, error, self.policy, self._rand())
         self.next_attempt = self._clock.now() + delay
         self._changed.set()

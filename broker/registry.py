@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from functools import partial
 
+from broker import credentials
 from broker.clock import Clock
 from broker.config import Config
 from broker.issuer import IssuerClient
@@ -39,6 +40,11 @@ class Registry:
                 clock=clock,
                 metrics=metrics,
                 give_up=self.give_up,
+                fingerprint=(
+                    partial(credentials.fingerprint, spec)
+                    if credentials.rotatable(spec)
+                    else None
+                ),
             )
             for name, spec in config.clients.items()
         }
@@ -85,6 +91,6 @@ def issuer_fetch(issuer: IssuerClient, config: Config) -> FetchFactory:
         env = config.environments[spec.environment]
         timeout = config.policy(name).timeout
 
-        return partial(issuer.fetch, spec, env, timeout)
+        return partial(issuer.fetch, spec, env, timeout, spec.environment)
 
     return fetch_for

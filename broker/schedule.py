@@ -1,12 +1,25 @@
 """When to refresh and how long to wait after a failure: pure arithmetic.
 
-Random draws come in as ``rand`` in [0, 1) so tests can pin them.
+That includes reading the wait an issuer asks for in its headers. Random
+draws come in as ``rand`` in [0, 1) so tests can pin them.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Mapping
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+
 from broker.config import RefreshPolicy
 from broker.errors import IssuerError
+
+# Rate-limit reset headers vendors send besides (or instead of) Retry-After.
+_RESET_HEADERS = ("RateLimit-Reset", "X-RateLimit-Reset", "X-Rate-Limit-Reset")
+# 2001-09-09 as a Unix time, and 31 years as a delay.
+_EPOCH_FLOOR = 1e9
+_DECIMAL = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?", re.ASCII)
 
 
 def refresh_delay(lifetime: float, policy: RefreshPolicy, rand: float) -> float:
@@ -53,3 +66,68 @@ def backoff_delay(
         delay = max(delay, min(error.retry_after, backoff.permanent))
 
     return delay
+
+
+def retry_delay(headers: Mapping[str, str], wall_now: float) -> float | None:
+    """Seconds an error answer asks us to wait, if it says.
+
+    ``Retry-After`` first; without it, the first readable rate-limit reset
+    header (:data:`_RESET_HEADERS`).
+    """
+    seconds = parse_retry_after(headers.get("Retry-After"), wall_now)
+    if seconds is not None:
+        return seconds
+    for name in _RESET_HEADERS:
+        seconds = parse_reset(headers.get(name), wall_now)
+        if seconds is not None:
+            return seconds
+
+    return None
+
+
+def parse_retry_after(value: str | None, wall_now: float) -> float | None:
+    """Read ``Retry-After`` as seconds (RFC 9110 10.2.3: delay or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) else None
+    moment = http_date(value)
+    if moment is None:
+        return None
+
+    return max(0.0, moment - wall_now)
+
+
+def parse_reset(value: str | None, wall_now: float) -> float | None:
+    """Read a rate-limit reset header as seconds from now.
+
+    Vendors send either a delay (the IETF RateLimit draft) or a Unix time
+    (GitHub style), sometimes with a fraction. No limiter asks for a wait
+    of decades, so a value past :data:`_EPOCH_FLOOR` is a Unix time.
+    """
+    if not value or not _DECIMAL.fullmatch(value.strip()):
+        return None
+    number = float(value.strip())
+
+    if number >= _EPOCH_FLOOR:
+        return max(0.0, number - wall_now)
+    return number
+
+
+def http_date(value: str | None) -> float | None:
+    """An RFC 9110 HTTP-date as a Unix time; ``None`` when unreadable.
+
+    All three RFC 9110 5.6.7 forms; the asctime form carries no zone and
+    means GMT, like the others.
+    """
+    if not value:
+        return None
+    try:
+        moment = parsedate_to_datetime(value.strip())
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    except (TypeError, ValueError, OverflowError):
+        return None

@@ -128,6 +128,40 @@ def _read_secret_file(path: str) -> str:
         raise ValueError(f"{path} is not UTF-8 text") from None
 
 
+@dataclass(frozen=True)
+class PemFile:
+    """A PEM file (a private key or a certificate), read anew for every use.
+
+    Like ``file`` secrets, a rotated file takes effect without a restart. Its
+    text is handed out as a :class:`Secret`, since it may hold a private key.
+    """
+
+    path: str
+
+    def read(self) -> Secret:
+        """Return the file's text; raise ``ValueError`` when unreadable."""
+        text = _read_secret_file(self.path)
+        if "-----BEGIN " not in text:
+            raise ValueError(f"{self.path} holds no PEM block")
+        return Secret(text)
+
+    def describe(self) -> str:
+        """Say where the key or certificate comes from."""
+        return f"file {self.path}"
+
+
+def pem_from_spec(spec: object, base_dir: str) -> PemFile:
+    """Build a :class:`PemFile` from ``{file: PATH}`` and prove it readable."""
+    if isinstance(spec, dict) and len(spec) == 1:
+        ((kind, name),) = spec.items()
+        if kind == "file" and isinstance(name, str) and name:
+            pem = PemFile(os.path.join(base_dir, os.path.expanduser(name)))
+            pem.read()
+            return pem
+
+    raise ValueError("expected {file: PATH} naming a PEM file")
+
+
 def source_from_env(name: str, environ: Mapping[str, str]) -> SecretSource:
     """Build an ``env`` source, reading the variable once now."""
     if name not in environ:

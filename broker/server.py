@@ -14,9 +14,10 @@ from aiohttp import web
 from broker import __version__, api, metrics_app, unixsock
 from broker.clock import SystemClock
 from broker.config import Config
-from broker.issuer import IssuerClient, client_session
+from broker.issuer import IssuerClient, skew_observer
 from broker.metrics import Metrics
 from broker.registry import Registry, issuer_fetch
+from broker.transport import client_session
 
 log = structlog.get_logger("broker.server")
 
@@ -47,7 +48,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         session = await stack.enter_async_context(client_session())
         registry = Registry(
             config,
-            issuer_fetch(IssuerClient(session), config),
+            issuer_fetch(
+                IssuerClient(session, observe_skew=skew_observer(metrics)), config
+            ),
             clock=clock,
             metrics=metrics,
         )

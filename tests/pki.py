@@ -16,10 +16,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 @dataclass(frozen=True)
 class Pki:
-    """A private CA and a server certificate it signed for 127.0.0.1."""
+    """A private CA and a server certificate it signed for 127.0.0.1.
+
+    ``cert_file`` and ``key_file`` hold the server's certificate and key apart,
+    for servers configured with two paths.
+    """
 
     ca_file: Path
     server: ssl.SSLContext
+    cert_file: Path
+    key_file: Path
 
 
 def make_pki(folder: Path) -> Pki:
@@ -84,16 +90,19 @@ def make_pki(folder: Path) -> Pki:
 
     ca_file = folder / "ca.pem"
     ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    chain = folder / "server.pem"
-    chain.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
+    cert_file = folder / "server-cert.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file = folder / "server-key.pem"
+    key_file.write_bytes(
+        key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
     )
+    chain = folder / "server.pem"
+    chain.write_bytes(cert_file.read_bytes() + key_file.read_bytes())
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(chain)
 
-    return Pki(ca_file, server)
+    return Pki(ca_file, server, cert_file, key_file)

@@ -507,19 +507,19 @@ def test_interpolated_text_is_validated_as_the_key_type() -> None:
             "dev_issuer",
             {**DEV_ISSUER, "bogus": 1},
             "dev_issuer.bogus",
-            "listen, token_lifetime, audience, clients",
+            "listen, token_lifetime, audience, tls, clients",
         ),
         (
             "dev_issuer",
             {"clients": {"m2m-demo": {"secret": "x", "bogus": 1}}},
             "dev_issuer.clients.m2m-demo.bogus",
-            "secret, scopes",
+            "secret, public_key, scopes",
         ),
         (
             "environments",
             {"prod": {"token_url": "https://a.example.com/t", "bogus": 1}},
             "environments.prod.bogus",
-            "token_url, ca_file",
+            "token_url, issuer, ca_file",
         ),
     ],
 )
@@ -688,11 +688,53 @@ def test_client_secret_is_required() -> None:
     assert refused(data, "needs client_secret").key_path == "clients.chat"
 
 
-def test_private_key_jwt_is_refused_for_now() -> None:
-    """private_key_jwt is part of the schema but not supported yet."""
-    error = refused(with_client(auth="private_key_jwt"), "not supported")
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"auth": "private_key_jwt", "client_secret": None},
+            "auth private_key_jwt needs private_key",
+        ),
+        ({"auth": "private_key_jwt"}, "does not use client_secret"),
+        (
+            {"auth": "tls_client_auth", "client_secret": None},
+            "auth tls_client_auth needs client_cert",
+        ),
+        ({"client_secret": None}, "auth client_secret_basic needs client_secret"),
+    ],
+)
+def test_each_auth_method_needs_its_credential(
+    fields: dict[str, Any], message: str
+) -> None:
+    """A client without the credential its auth method uses is refused."""
+    error = refused(with_client(**fields), message)
 
     assert error.key_path == "clients.chat"
+
+
+def test_a_key_client_may_not_also_carry_a_secret(tmp_path: Path) -> None:
+    """A credential the auth method does not use is refused, not ignored."""
+    pki = make_pki(tmp_path)
+    error = refused(
+        with_client(auth="client_secret_post", private_key={"file": str(pki.ca_file)}),
+        "does not use private_key",
+    )
+
+    assert error.key_path == "clients.chat"
+
+
+def test_an_environment_names_an_endpoint_or_an_issuer() -> None:
+    """token_url and issuer: exactly one of them."""
+    both = {
+        "token_url": "https://auth.example.com/t",
+        "issuer": "https://auth.example.com",
+    }
+    for env in (both, {}):
+        error = refused(
+            with_section("environments", {"prod": env}),
+            "give token_url, or issuer",
+        )
+        assert error.key_path == "environments.prod"
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,8 @@ from broker.grant import (
     MAX_EXPIRES_IN,
     REASONS,
     build_request,
+    issuer_clock_skew,
     parse_response,
-    parse_retry_after,
     preview,
     read_expires_in,
 )
@@ -52,12 +52,20 @@ def failure(
     status: int,
     body: bytes | dict[str, Any] = b"",
     headers: dict[str, str] | None = None,
+    client: Client | None = None,
 ) -> IssuerError:
     """Parse an answer that must fail; return the error, the secret redacted."""
     if isinstance(body, dict):
         body, headers = json.dumps(body).encode(), (headers or {}) | JSON
     with pytest.raises(IssuerError) as caught:
-        parse_response(status, headers or {}, body, wall_now=NOW, redact=(SECRET,))
+        parse_response(
+            status,
+            headers or {},
+            body,
+            wall_now=NOW,
+            redact=(SECRET,),
+            client=client,
+        )
     return caught.value
 
 
@@ -292,13 +300,18 @@ def test_missing_token_type_is_accepted() -> None:
     assert ok({"access_token": "t"}).access_token.reveal() == "t"
 
 
-@pytest.mark.parametrize("token_type", ["DPoP", "mac", "N_A"])
-def test_other_token_types_are_refused_by_name(token_type: str) -> None:
-    """A DPoP or MAC token is refused and the message names the type given."""
-    error = failure(200, {"access_token": "t", "token_type": token_type})
+@pytest.mark.parametrize("token_type", ["DPoP", "mac", "N_A", 7, ""])
+def test_other_token_types_are_refused_by_name(token_type: object) -> None:
+    """A DPoP, MAC or unknown token type is refused, naming the client and
+    the type, and waits the long backoff: the issuer binds every token."""
+    document = {"access_token": "t", "token_type": token_type}
+
+    error = failure(200, document, client=make_client(client_id="m2m-7"))
 
     assert error.reason == "malformed_response"
-    assert repr(token_type) in error.message
+    assert error.permanent
+    assert repr(str(token_type)) in error.message
+    assert "client_id 'm2m-7'" in error.message
     assert "Bearer" in error.message
 
 
@@ -439,6 +452,15 @@ def test_json_array_is_malformed() -> None:
         (503, b"", "http_5xx", False),
         (503, {"error": "invalid_client"}, "http_5xx", False),
         (504, {"error": "temporarily_unavailable"}, "http_5xx", False),
+        (400, {"error": "temporarily_unavailable"}, "http_5xx", False),
+        (401, {"error": "temporarily_unavailable"}, "http_5xx", False),
+        (403, {"error": "server_error"}, "http_5xx", False),
+        (400, {"error": "server_error"}, "http_5xx", False),
+        (200, {"error": "temporarily_unavailable"}, "http_5xx", False),
+        (200, {"error": "invalid_client"}, "invalid_client", True),
+        (200, {"error": "invalid_scope", "access_token": ""}, "invalid_scope", True),
+        (200, {"error": "no_such_code"}, "malformed_response", False),
+        (400, {"error": "slow_down"}, "rate_limited", False),
         (301, b"", "http_3xx", True),
         (302, b"", "http_3xx", True),
         (307, b"", "http_3xx", True),
@@ -466,6 +488,85 @@ def test_oauth_error_message_carries_description() -> None:
 
     assert error.message == "status 400: invalid_scope (files:write not allowed)"
     assert str(error).startswith("invalid_scope: ")
+
+
+def test_known_error_code_is_not_repeated() -> None:
+    """An error without a description reads as its code, once."""
+    assert failure(400, {"error": "invalid_grant"}).message == (
+        "status 400: invalid_grant"
+    )
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 500, 503])
+@pytest.mark.parametrize("word", ["temporarily_unavailable", "server_error"])
+def test_issuer_trouble_is_transient_whatever_the_status(
+    status: int, word: str
+) -> None:
+    """server_error and temporarily_unavailable are retried with backoff at
+    any status, under the bounded http_5xx reason; the message keeps both."""
+    body = {"error": word, "error_description": "down for maintenance"}
+
+    error = failure(status, body, {"Retry-After": "40"}, client=make_client())
+
+    assert error.reason == "http_5xx"
+    assert not error.permanent
+    assert error.retry_after == 40.0
+    assert error.message == f"status {status}: {word} (down for maintenance)"
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "invalid_scope",
+        "unauthorized_client",
+        "invalid_client",
+        "invalid_grant",
+        "invalid_request",
+        "invalid_target",
+        "unsupported_grant_type",
+    ],
+)
+def test_refusals_name_the_client_id_and_requested_scopes(code: str) -> None:
+    """Every permanent refusal says which client_id asked for which scopes."""
+    client = make_client(client_id="m2m-9", scopes=["chat:invoke", "files:write"])
+    body = {"error": code, "error_description": "no"}
+
+    error = failure(400, body, client=client)
+
+    assert error.permanent
+    assert error.message == (
+        f"status 400: {code} (no); client_id 'm2m-9' asked for "
+        "scope 'chat:invoke files:write'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(401, b""), (403, b"<h1>Forbidden</h1>"), (404, {"error": "quota"})],
+)
+def test_every_permanent_4xx_names_the_request(
+    status: int, body: bytes | dict[str, Any]
+) -> None:
+    """Refusals without an OAuth code name the request too; so do audience
+    and resources when the client sends them."""
+    client = make_client(
+        scopes=[],
+        audience="https://api.example.com",
+        resource=["https://a.example.com", "https://b.example.com"],
+    )
+
+    error = failure(status, body, client=client)
+
+    assert error.permanent
+    assert error.message.endswith(
+        "; client_id 'svc' asked for no scope, audience 'https://api.example.com', "
+        "resource 'https://a.example.com https://b.example.com'"
+    )
+
+
+def test_transient_errors_do_not_list_the_request() -> None:
+    """A 5xx is the issuer's trouble: its message stays short."""
+    assert failure(502, b"", client=make_client()).message == "status 502 (empty body)"
 
 
 def test_unknown_error_code_shows_in_message_not_reason() -> None:
@@ -539,26 +640,111 @@ def test_503_carries_retry_after() -> None:
     assert failure(503, b"", {"Retry-After": "7"}).retry_after == 7.0
 
 
+@pytest.mark.parametrize("status", [429, 503])
 @pytest.mark.parametrize(
-    ("value", "seconds"),
+    "name", ["X-RateLimit-Reset", "RateLimit-Reset", "X-Rate-Limit-Reset"]
+)
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("30", 30.0), (str(int(NOW) + 45), 45.0)]
+)
+def test_vendor_reset_headers_set_the_wait(
+    status: int, name: str, value: str, seconds: float
+) -> None:
+    """Without Retry-After, a rate-limit reset (delay or Unix time) is the wait."""
+    assert failure(status, b"", {name: value}).retry_after == seconds
+
+
+def test_retry_after_wins_over_a_vendor_reset() -> None:
+    """Retry-After is the standard answer; a reset header only fills in for it."""
+    headers = {"Retry-After": "5", "X-RateLimit-Reset": "90"}
+
+    assert failure(429, b"", headers).retry_after == 5.0
+
+
+@pytest.mark.parametrize("status", [400, 403])
+@pytest.mark.parametrize(
+    "name", ["X-RateLimit-Remaining", "RateLimit-Remaining", "X-Rate-Limit-Remaining"]
+)
+def test_exhausted_quota_without_429_is_rate_limited(status: int, name: str) -> None:
+    """A 400 or 403 saying no requests remain is a rate limit, not a refusal."""
+    headers = {name: "0", "X-RateLimit-Reset": "20"}
+
+    error = failure(status, b"quota exceeded", headers)
+
+    assert error.reason == "rate_limited"
+    assert not error.permanent
+    assert error.retry_after == 20.0
+
+
+def test_oauth_code_wins_over_an_exhausted_quota() -> None:
+    """invalid_client with no requests remaining is still invalid_client."""
+    headers = {"X-RateLimit-Remaining": "0"}
+
+    error = failure(401, {"error": "invalid_client"}, headers)
+
+    assert error.reason == "invalid_client"
+    assert error.permanent
+
+
+# issuer_clock_skew
+
+
+def http_date(timestamp: float) -> str:
+    """An IMF-fixdate, truncated to the second as servers send it."""
+    return format_datetime(datetime.fromtimestamp(int(timestamp), UTC), usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("stamp", "sent", "received", "skew"),
     [
-        ("120", 120.0),
-        (" 5 ", 5.0),
-        ("0", 0.0),
-        ("Tue, 14 Nov 2023 22:15:20 GMT", 120.0),
-        ("Tue, 14 Nov 2023 22:00:00 GMT", 0.0),
-        ("-5", None),
-        ("1.5", None),
-        ("soon", None),
-        ("", None),
-        (None, None),
-        ("9" * 400, None),
-        ("١٢", None),
+        (NOW, NOW, NOW + 0.2, 0.0),
+        (NOW, NOW + 0.9, NOW + 0.95, 0.0),
+        (NOW + 1, NOW, NOW + 0.2, 0.8),
+        (NOW + 120, NOW, NOW + 0.5, 119.5),
+        (NOW - 1, NOW, NOW + 0.2, 0.0),
+        (NOW - 2, NOW, NOW + 0.2, -1.0),
+        (NOW - 3600, NOW + 0.5, NOW + 0.7, -3599.5),
+        (NOW + 30, NOW, NOW - 5, 30.0),
     ],
 )
-def test_retry_after_forms(value: str | None, seconds: float | None) -> None:
-    """Retry-After is delay-seconds or an HTTP date; anything else is ignored."""
-    assert parse_retry_after(value, NOW) == seconds
+def test_clock_skew_beyond_resolution_and_round_trip(
+    stamp: float, sent: float, received: float, skew: float
+) -> None:
+    """The skew is the least that explains Date, given its one-second
+    resolution and the time the answer took; positive when the issuer is
+    ahead."""
+    headers = {"Date": http_date(stamp)}
+
+    assert issuer_clock_skew(headers, sent, received) == pytest.approx(skew)
+
+
+@pytest.mark.parametrize(
+    "date",
+    [
+        "Tue, 14 Nov 2023 22:15:20 GMT",
+        "Tuesday, 14-Nov-23 22:15:20 GMT",
+        "Tue Nov 14 22:15:20 2023",
+    ],
+)
+def test_clock_skew_reads_every_http_date_form(date: str) -> None:
+    """IMF-fixdate, the RFC 850 form and asctime (GMT without saying so)."""
+    assert issuer_clock_skew({"Date": date}, NOW, NOW) == pytest.approx(120.0)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Date": ""},
+        {"Date": "yesterday"},
+        {"Date": "Tue, 32 Nov 2023 22:15:20 GMT"},
+        {"Date": "Mon, 1 Jan 10000 00:00:00 GMT"},
+        {"Date": "1700000000"},
+    ],
+)
+def test_clock_skew_without_a_readable_date_is_none(headers: dict[str, str]) -> None:
+    """No Date, or one that is not an HTTP date, tells nothing."""
+    assert issuer_clock_skew(headers, NOW, NOW) is None
 
 
 def test_secret_in_error_description_is_redacted() -> None:

@@ -10,9 +10,18 @@ from hypothesis import strategies as st
 
 from broker.config import RefreshPolicy
 from broker.errors import IssuerError
-from broker.schedule import backoff_delay, refresh_delay, serve_margin
+from broker.schedule import (
+    backoff_delay,
+    http_date,
+    parse_reset,
+    parse_retry_after,
+    refresh_delay,
+    retry_delay,
+    serve_margin,
+)
 
 HOUR = 3600.0
+NOW = 1_700_000_000.0
 ALMOST_ONE = 0.999999
 TRANSIENT = IssuerError("connection", "cannot reach the issuer")
 PERMANENT = IssuerError("invalid_client", "status 401", status=401, permanent=True)
@@ -152,6 +161,86 @@ def test_retry_after_is_capped_at_permanent() -> None:
     assert backoff_delay(1, transient(86400.0 * 3), chosen, rand=0.0) == 600.0
 
 
+# the wait an issuer asks for
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        (" 5 ", 5.0),
+        ("0", 0.0),
+        ("Tue, 14 Nov 2023 22:15:20 GMT", 120.0),
+        ("Tue Nov 14 22:15:20 2023", 120.0),
+        ("Tuesday, 14-Nov-23 22:15:20 GMT", 120.0),
+        ("Tue, 14 Nov 2023 22:00:00 GMT", 0.0),
+        ("-5", None),
+        ("1.5", None),
+        ("soon", None),
+        ("", None),
+        (None, None),
+        ("9" * 400, None),
+        ("١٢", None),
+    ],
+)
+def test_retry_after_forms(value: str | None, seconds: float | None) -> None:
+    """Retry-After is delay-seconds or any HTTP date; anything else is ignored."""
+    assert parse_retry_after(value, NOW) == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("30", 30.0),
+        (" 7 ", 7.0),
+        ("0", 0.0),
+        ("2.5", 2.5),
+        (str(int(NOW) + 90), 90.0),
+        (f"{NOW + 12.5:.3f}", 12.5),
+        (str(int(NOW) - 60), 0.0),
+        ("999999999", 999999999.0),
+        ("-3", None),
+        ("1e3", None),
+        ("1_000", None),
+        ("nan", None),
+        ("inf", None),
+        ("١٢", None),
+        ("9" * 40, None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_rate_limit_reset_forms(value: str | None, seconds: float | None) -> None:
+    """A reset is a delay, or a Unix time once it is past 2001; nothing else."""
+    assert parse_reset(value, NOW) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"Retry-After": "3", "RateLimit-Reset": "50"}, 3.0),
+        ({"Retry-After": "later", "RateLimit-Reset": "50"}, 50.0),
+        ({"X-RateLimit-Reset": str(int(NOW) + 20)}, 20.0),
+        ({"X-Rate-Limit-Reset": "11"}, 11.0),
+        ({"X-RateLimit-Reset": "soon", "X-Rate-Limit-Reset": "11"}, 11.0),
+        ({"X-RateLimit-Limit": "100"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_delay_prefers_retry_after(
+    headers: dict[str, str], seconds: float | None
+) -> None:
+    """Retry-After decides; the first readable reset header fills in for it."""
+    assert retry_delay(headers, NOW) == seconds
+
+
+def test_http_date_without_a_zone_is_gmt() -> None:
+    """An asctime date names no zone; RFC 9110 says it is GMT."""
+    assert http_date("Tue Nov 14 22:13:20 2023") == NOW
+    assert http_date("Tue, 14 Nov 2023 23:13:20 +0100") == NOW
+    assert http_date("Tue, 14 Nov 2023 22:13:20 GMT") == NOW
+
+
 # properties
 
 lifetimes = st.floats(min_value=1.0, max_value=1e7)
@@ -211,3 +300,11 @@ def test_backoff_delay_is_bounded(
     assert 0.5 <= delay <= max(120.0, min(retry_after or 0.0, 600.0))
     if retry_after is not None:
         assert delay >= min(retry_after, 600.0)
+
+
+@given(value=st.text(max_size=40), wall_now=st.floats(min_value=0, max_value=4e9))
+def test_header_readers_never_raise(value: str, wall_now: float) -> None:
+    """Whatever an issuer puts in these headers, the answer is a wait or None."""
+    for seconds in (parse_retry_after(value, wall_now), parse_reset(value, wall_now)):
+        assert seconds is None or 0.0 <= seconds < 1e13
+    assert http_date(value) is None or isinstance(http_date(value), float)
