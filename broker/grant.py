@@ -317,9 +317,14 @@ def _classify(
 
 
 def _error_word(document: Mapping[str, Any] | None) -> str | None:
-    """The issuer's ``error`` if it is a word we act on, else ``None``."""
+    """The issuer's ``error`` if it is a word we act on, else ``None``.
+
+    Matched in any case and without stray spaces, as some servers send it;
+    the word returned is the canonical one, so labels stay bounded.
+    """
     word = document.get("error") if document else None
-    if isinstance(word, str) and word in OAUTH_ERRORS | SERVER_TROUBLE | RATE_WORDS:
+    word = word.strip().lower() if isinstance(word, str) else None
+    if word in OAUTH_ERRORS | SERVER_TROUBLE | RATE_WORDS:
         return word
     return None
 
@@ -345,8 +350,8 @@ def _said(
 
 def _limit_reached(status: int, word: str | None, headers: Mapping[str, str]) -> bool:
     # Some gateways refuse an exhausted quota with 403 or 400 rather than
-    # 429; an OAuth error word still wins, since it names the real cause.
-    if word is not None or not 400 <= status < 500:
+    # 429. A 401 or an OAuth error word names a real refusal, and wins.
+    if word is not None or status == 401 or not 400 <= status < 500:
         return False
     return any(headers.get(name, "").strip() == "0" for name in _REMAINING)
 

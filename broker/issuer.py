@@ -134,7 +134,9 @@ class IssuerClient:
                 status=status,
             )
 
-        return parse_response(status, headers, body, wall_now=time.time(), redact=sent)
+        return parse_response(
+            status, headers, body, wall_now=time.time(), redact=sent, client=client
+        )
 
     async def _token_url(
         self, client: Client, env: Environment, tls: ssl.SSLContext

@@ -461,6 +461,8 @@ def test_json_array_is_malformed() -> None:
         (200, {"error": "invalid_scope", "access_token": ""}, "invalid_scope", True),
         (200, {"error": "no_such_code"}, "malformed_response", False),
         (400, {"error": "slow_down"}, "rate_limited", False),
+        (400, {"error": "INVALID_SCOPE"}, "invalid_scope", True),
+        (503, {"error": " Temporarily_Unavailable "}, "http_5xx", False),
         (301, b"", "http_3xx", True),
         (302, b"", "http_3xx", True),
         (307, b"", "http_3xx", True),
@@ -676,13 +678,19 @@ def test_exhausted_quota_without_429_is_rate_limited(status: int, name: str) -> 
     assert error.retry_after == 20.0
 
 
-def test_oauth_code_wins_over_an_exhausted_quota() -> None:
-    """invalid_client with no requests remaining is still invalid_client."""
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(400, {"error": "invalid_scope"}), (401, {"error": "invalid_client"}), (401, b"")],
+)
+def test_a_refusal_wins_over_an_exhausted_quota(
+    status: int, body: bytes | dict[str, Any]
+) -> None:
+    """An OAuth error word, or a 401, is a refusal even with no quota left."""
     headers = {"X-RateLimit-Remaining": "0"}
 
-    error = failure(401, {"error": "invalid_client"}, headers)
+    error = failure(status, body, headers)
 
-    assert error.reason == "invalid_client"
+    assert error.reason != "rate_limited"
     assert error.permanent
 
 
