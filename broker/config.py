@@ -32,6 +32,7 @@ from broker.fields import (
     check_token_url,
     is_loopback_host,
     parse_duration,
+    readable_file,
     require_loopback,
     resolve_path,
 )
@@ -221,9 +222,7 @@ class Environment(StrictModel):
     def _ca_readable(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        path = resolve_path(value, info)
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            raise ValueError(f"cannot read the CA bundle {path}")
+        path = readable_file(value, info, "the CA bundle")
         try:
             ssl.create_default_context().load_verify_locations(cafile=path)
         except (ssl.SSLError, ValueError, OSError):
@@ -385,10 +384,7 @@ class DevClient(StrictModel):
     def _public_key(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        path = resolve_path(value, info)
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            raise ValueError(f"cannot read the public key {path}")
-        return path
+        return readable_file(value, info, "the public key")
 
     @model_validator(mode="after")
     def _can_authenticate(self) -> DevClient:
@@ -406,10 +402,7 @@ class DevTls(StrictModel):
     @field_validator("cert", "key")
     @classmethod
     def _readable(cls, value: str, info: ValidationInfo) -> str:
-        path = resolve_path(value, info)
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            raise ValueError(f"cannot read {path}")
-        return path
+        return readable_file(value, info, "the file")
 
 
 class DevIssuer(StrictModel):

@@ -201,3 +201,14 @@ def resolve_path(path: str, info: ValidationInfo) -> str:
     """Resolve a relative path against the config file's directory."""
     base = (info.context or {}).get("base_dir", ".")
     return str(Path(base, os.path.expanduser(path)))
+
+
+def readable_file(value: str, info: ValidationInfo, what: str) -> str:
+    """Resolve ``value`` against the config's directory; it must be readable.
+
+    Raises ``ValueError`` naming ``what`` (``the CA bundle``) and the path.
+    """
+    path = resolve_path(value, info)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {what} {path}")
+    return path
