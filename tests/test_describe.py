@@ -9,6 +9,7 @@ import pytest
 
 from broker.describe import describe
 from broker.loader import Loaded, load
+from tests.pki import make_pki
 
 ENV_SECRET = "env-secret-value-1"
 FILE_SECRET = "file-secret-value-2"
@@ -178,3 +179,38 @@ def test_header_names_the_file_and_counts_clients(loaded: Loaded) -> None:
 
     assert lines[0] == f"config {loaded.path}"
     assert "clients (3)" in lines
+
+
+def test_key_and_certificate_clients_show_their_files(tmp_path: Path) -> None:
+    """private_key_jwt and mutual TLS clients show where their files are,
+    and a discovered endpoint shows its issuer; no key material."""
+    pki = make_pki(tmp_path)
+    key = tmp_path / "client.key"
+    key.write_bytes(pki.client_key_file.read_bytes())
+    (tmp_path / "broker.yaml").write_text(
+        f"""\
+environments:
+  disc: {{issuer: "https://auth.example.com"}}
+clients:
+  keys:
+    environment: disc
+    client_id: m2m-keys
+    auth: private_key_jwt
+    private_key: {{file: client.key}}
+    signing_alg: ES256
+  mtls:
+    environment: disc
+    client_id: m2m-mtls
+    auth: tls_client_auth
+    client_cert: {{cert: {pki.client_cert_file}, key: {pki.client_key_file}}}
+"""
+    )
+
+    text = describe(load(tmp_path / "broker.yaml", {}))
+
+    keys, mtls = block(text, "keys"), block(text, "mtls")
+    assert "    issuer       https://auth.example.com (token URL discovered)" in keys
+    assert f"    private key  file {key}" in keys
+    assert "    signing alg  ES256" in keys
+    assert f"    client cert  file {pki.client_cert_file}" in mtls
+    assert "PRIVATE KEY" not in text
