@@ -34,9 +34,9 @@ from broker.assertion import (
     public_jwk,
     verify_assertion,
 )
-from broker.config import DevClient, DevIssuer, DevTls, HostPort
+from broker.devconfig import DevClient, DevIssuer, DevTls
 from broker.errors import BrokerError
-from broker.fields import SCOPE_TOKEN
+from broker.fields import SCOPE_TOKEN, HostPort
 from broker.secret import PemFile
 
 TOKEN_PATH = "/oauth2/token"  # noqa: S105 - a URL path, not a password

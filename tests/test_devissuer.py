@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 
 from broker.assertion import ASSERTION_TYPE, client_assertion, jwk_thumbprint
 from broker.config import Client as BrokerClient
-from broker.config import DevClient, DevIssuer, DevTls
+from broker.devconfig import DevClient, DevIssuer, DevTls
 from broker.devissuer import (
     JWKS_PATH,
     METADATA_PATHS,
