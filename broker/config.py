@@ -27,6 +27,7 @@ from broker.fields import (
     SUN_PATH_MAX,
     Bool,
     Duration,
+    FileMode,
     HostPort,
     Number,
     StrictModel,
@@ -54,7 +55,7 @@ __all__ = [
     "parse_duration",
 ]
 
-_OCTAL_MODE = re.compile(r"(?:0o|0)?([0-7]{3})")
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _RESERVED_PARAMS = frozenset(
     {
@@ -75,7 +76,7 @@ class Listen(StrictModel):
 
     http: HostPort | None = HostPort(host="127.0.0.1", port=8181)
     unix: str | None = "/tmp/token-broker.sock"  # noqa: S108 - a documented default
-    unix_mode: int = 0o660
+    unix_mode: FileMode = 0o660
     metrics: HostPort | None = HostPort(host="127.0.0.1", port=9464)
     drain_timeout: Duration = 5.0
 
@@ -110,23 +111,6 @@ class Listen(StrictModel):
                 f"{SUN_PATH_MAX}"
             )
         return value
-
-    @field_validator("unix_mode", mode="before")
-    @classmethod
-    def _mode(cls, value: object) -> int:
-        mode = -1
-        if isinstance(value, str) and (match := _OCTAL_MODE.fullmatch(value)):
-            mode = int(match.group(1), 8)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            mode = value  # YAML 1.1 already read 0660 as octal
-        if not 0 <= mode <= 0o777:
-            raise ValueError('expected an octal mode in quotes, such as "0660"')
-        if mode & 0o007:
-            raise ValueError(
-                f"mode {mode:04o} lets every local user take tokens; "
-                "use 0660 or tighter"
-            )
-        return mode
 
 
 class Backoff(StrictModel):
@@ -278,6 +262,8 @@ class Client(StrictModel):
     key_id: str | None = Field(None, min_length=1)
     assertion_audience: str | None = Field(None, min_length=1)
     client_cert: ClientCert | None = None
+    sinks: tuple[Sink, ...] = ()
+    on_refresh: tuple[str, ...] | None = Field(None, min_length=1)
 
     @field_validator("private_key", mode="before")
     @classmethod
@@ -362,6 +348,32 @@ class Client(StrictModel):
         return self
 
 
+class Sink(StrictModel):
+    """A file kept holding a client's current token, for apps that read files."""
+
+    path: str
+    format: Literal["raw", "json", "header", "env"] = "raw"
+    mode: FileMode = 0o600
+    owner: str | None = Field(None, min_length=1)
+    variable: str = "ACCESS_TOKEN"
+
+    @field_validator("path")
+    @classmethod
+    def _in_a_directory(cls, value: str, info: ValidationInfo) -> str:
+        path = resolve_path(value, info)
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            raise ValueError(f"the sink's directory {directory} does not exist")
+        return path
+
+    @field_validator("variable")
+    @classmethod
+    def _variable(cls, value: str) -> str:
+        if not _VARIABLE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a shell variable name")
+        return value
+
+
 class Log(StrictModel):
     """Log level and output format."""
 
@@ -378,6 +390,12 @@ class Config(StrictModel):
     clients: dict[str, Client] = Field(min_length=1)
     log: Log = Log()
     dev_issuer: DevIssuer | None = None
+    exit_when_file_exists: str | None = Field(None, min_length=1)
+
+    @field_validator("exit_when_file_exists")
+    @classmethod
+    def _exit_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_path(value, info)
 
     @field_validator("clients", "environments")
     @classmethod

@@ -35,6 +35,7 @@ _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _UNIT_ORDER = ("d", "h", "m", "s", "ms")
 _UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _PORT = re.compile(r"[0-9]{1,5}")
+_OCTAL_MODE = re.compile(r"(?:0o|0)?([0-7]{3})")
 # RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
 SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
@@ -212,3 +213,26 @@ def readable_file(value: str, info: ValidationInfo, what: str) -> str:
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise ValueError(f"cannot read {what} {path}")
     return path
+
+
+def parse_mode(value: object) -> int:
+    """Read an octal file mode such as ``"0660"``; nothing for "other" users.
+
+    A socket or file holding tokens must not be open to every local user;
+    share it through a group instead.
+    """
+    mode = -1
+    if isinstance(value, str) and (match := _OCTAL_MODE.fullmatch(value)):
+        mode = int(match.group(1), 8)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value  # YAML 1.1 already read 0660 as octal
+    if not 0 <= mode <= 0o777:
+        raise ValueError('expected an octal mode in quotes, such as "0660"')
+    if mode & 0o007:
+        raise ValueError(
+            f"mode {mode:04o} lets every local user take tokens; use 0660 or tighter"
+        )
+    return mode
+
+
+FileMode = Annotated[int, BeforeValidator(parse_mode)]
