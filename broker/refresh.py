@@ -27,6 +27,8 @@ from broker.token import Grant, Token
 
 State = Literal["pending", "fresh", "refreshing", "stale", "failing", "expired"]
 Fetch = Callable[[], Awaitable[Grant]]
+# Called with every new token, after it is cached (token files, hooks).
+OnToken = Callable[[Token], Awaitable[None]]
 
 log = structlog.get_logger("broker.refresh")
 
@@ -53,6 +55,7 @@ class Refresher:
         rand: Callable[[], float] = random.random,
         give_up: asyncio.Event | None = None,
         fingerprint: Callable[[], str] | None = None,
+        on_token: OnToken | None = None,
     ) -> None:
         self.name = name
         self.environment = environment
@@ -69,6 +72,7 @@ class Refresher:
         # issuer refuses the client (see _watch_credentials).
         self._fingerprint = fingerprint
         self._refused_with: str | None = None
+        self._on_token = on_token
 
         self.token: Token | None = None
         self.failures = 0
@@ -255,7 +259,16 @@ class Refresher:
             self._failed(error, self._clock.now() - started)
             raise error from None
 
-        return self._succeeded(grant, started, started_wall)
+        token = self._succeeded(grant, started, started_wall)
+        if self._on_token is not None:
+            try:
+                await self._on_token(token)
+            except Exception:
+                # Token files and hooks report their own failures; one that
+                # escapes must not turn a good token into a failed refresh.
+                log.exception("token.hook_crashed", client=self.name)
+
+        return token
 
     def _succeeded(self, grant: Grant, started: float, started_wall: float) -> Token:
         duration = self._clock.now() - started
