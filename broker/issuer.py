@@ -42,6 +42,8 @@ CONNECT_TIMEOUT = 5.0
 SKEW_WARNING = 30.0
 
 SkewObserver = Callable[[str, float], None]
+# Called with the client's name and each HTTP status an issuer answered.
+StatusObserver = Callable[[str, int], None]
 
 log = structlog.get_logger("broker.issuer")
 
@@ -54,11 +56,13 @@ class IssuerClient:
         session: aiohttp.ClientSession,
         *,
         observe_skew: SkewObserver | None = None,
+        observe_status: StatusObserver | None = None,
     ) -> None:
         self._session = session
         self._tls = TlsContexts()
         self.discovery = Discovery(session)
         self._observe_skew = observe_skew
+        self._observe_status = observe_status
 
     async def fetch(
         self,
@@ -66,6 +70,7 @@ class IssuerClient:
         env: Environment,
         timeout: float,
         environment: str = "",
+        name: str = "",
     ) -> Grant:
         """Run one client-credentials request for ``client`` at ``env``.
 
@@ -79,21 +84,26 @@ class IssuerClient:
             async with asyncio.timeout(timeout):
                 before = credentials.fingerprint(client)
                 try:
-                    return await self._fetch(client, env, timeout, environment)
+                    return await self._fetch(client, env, timeout, environment, name)
                 except IssuerError as exc:
                     if exc.reason != "invalid_client":
                         raise
                     if credentials.fingerprint(client) in ("", before):
                         raise
                 log.info("token.credentials_rotated", client=client.client_id)
-                return await self._fetch(client, env, timeout, environment)
+                return await self._fetch(client, env, timeout, environment, name)
         except TimeoutError as exc:
             raise IssuerError(
                 "timeout", _timeout_message(exc, where, timeout)
             ) from None
 
     async def _fetch(
-        self, client: Client, env: Environment, timeout: float, environment: str
+        self,
+        client: Client,
+        env: Environment,
+        timeout: float,
+        environment: str,
+        name: str,
     ) -> Grant:
         tls = self._tls_or_fail(env, client)
         url = await self._token_url(client, env, tls)
@@ -116,6 +126,8 @@ class IssuerClient:
                 ),
             ) as response:
                 status, headers = response.status, response.headers
+                if self._observe_status is not None:
+                    self._observe_status(name, status)
                 body = await read_capped(response, MAX_BODY)
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
             raise IssuerError("tls", _tls_failure(where, exc, env)) from None

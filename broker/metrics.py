@@ -52,6 +52,12 @@ class Metrics:
             ["environment"],
             registry=self.registry,
         )
+        self.upstream = Counter(
+            "token_broker_upstream_responses",
+            "HTTP answers from issuers to token requests, by status code.",
+            ["client", "status"],
+            registry=self.registry,
+        )
         self.build = Info(
             "token_broker_build", "Version of token-broker.", registry=self.registry
         )
@@ -87,6 +93,10 @@ class Metrics:
     def served(self, client: str, listener: str, result: str) -> None:
         """Count one token handed out (or refused) to a local caller."""
         self.requests.labels(client, listener, result).inc()
+
+    def upstream_response(self, client: str, status: int) -> None:
+        """Count one HTTP answer an issuer gave to a token request."""
+        self.upstream.labels(client, str(status)).inc()
 
     def issuer_skew(self, environment: str, seconds: float) -> None:
         """Record the clock skew last measured against an environment's issuer."""

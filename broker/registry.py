@@ -91,6 +91,6 @@ def issuer_fetch(issuer: IssuerClient, config: Config) -> FetchFactory:
         env = config.environments[spec.environment]
         timeout = config.policy(name).timeout
 
-        return partial(issuer.fetch, spec, env, timeout, spec.environment)
+        return partial(issuer.fetch, spec, env, timeout, spec.environment, name)
 
     return fetch_for

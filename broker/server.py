@@ -49,7 +49,12 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         registry = Registry(
             config,
             issuer_fetch(
-                IssuerClient(session, observe_skew=skew_observer(metrics)), config
+                IssuerClient(
+                    session,
+                    observe_skew=skew_observer(metrics),
+                    observe_status=metrics.upstream_response,
+                ),
+                config,
             ),
             clock=clock,
             metrics=metrics,
