@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from broker.errors import TokenUnavailable
 from broker.metrics import Metrics
 from broker.refresh import Refresher
 from broker.registry import Registry
+from broker.scoped import ScopedTokens, normalise
+from broker.token import Token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -25,8 +28,10 @@ REGISTRY = web.AppKey("registry", Registry)
 METRICS = web.AppKey("metrics", Metrics)
 CLOCK = web.AppKey("clock", Clock)
 LISTENER = web.AppKey("listener", str)
+SCOPED = web.AppKey("scoped", ScopedTokens)
+STOP = web.AppKey("stop", asyncio.Event)
 
-_TOKEN_PARAMS = frozenset({"format", "min_ttl"})
+_TOKEN_PARAMS = frozenset({"format", "min_ttl", "scope"})
 
 
 def error(
@@ -79,9 +84,19 @@ async def no_store(request: web.Request, response: web.StreamResponse) -> None:
 
 
 def create_app(
-    registry: Registry, metrics: Metrics, clock: Clock, *, listener: str
+    registry: Registry,
+    metrics: Metrics,
+    clock: Clock,
+    *,
+    listener: str,
+    scoped: ScopedTokens | None = None,
+    stop: asyncio.Event | None = None,
 ) -> web.Application:
-    """The token API app; ``listener`` is ``tcp`` (guarded) or ``unix``."""
+    """The token API app; ``listener`` is ``tcp`` (guarded) or ``unix``.
+
+    ``scoped`` serves ``?scope=`` subsets (refused without it); ``stop`` is
+    set by ``POST /v1/quit``.
+    """
     middlewares: list[Any] = [json_errors]
     if listener == "tcp":
         middlewares.append(guarded(listener))
@@ -90,10 +105,16 @@ def create_app(
     app[METRICS] = metrics
     app[CLOCK] = clock
     app[LISTENER] = listener
+    if scoped is not None:
+        app[SCOPED] = scoped
+    if stop is not None:
+        app[STOP] = stop
     app.on_response_prepare.append(no_store)
 
     app.router.add_get("/v1/tokens/{client}", token_json)
     app.router.add_get("/v1/tokens/{client}/header", token_header)
+    app.router.add_post("/v1/tokens/{client}/refresh", token_refresh)
+    app.router.add_post("/v1/quit", quit_broker)
     app.router.add_get("/v1/clients", clients)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -103,7 +124,22 @@ def create_app(
 
 async def token_json(request: web.Request) -> web.Response:
     """``GET /v1/tokens/{client}``: JSON, or the bare token when asked."""
-    outcome = await _take(request)
+    return _token_answer(request, await _take(request))
+
+
+async def token_refresh(request: web.Request) -> web.Response:
+    """``POST /v1/tokens/{client}/refresh``: a new token now, same answer.
+
+    For a caller whose API refused the token it had. Joins a request in
+    flight; within ``min_interval`` of the last one it answers with the
+    newest token instead of asking the issuer again.
+    """
+    return _token_answer(request, await _take(request, force=True))
+
+
+def _token_answer(
+    request: web.Request, outcome: tuple[Refresher, Token] | web.Response
+) -> web.Response:
     if isinstance(outcome, web.Response):
         return outcome
     refresher, token = outcome
@@ -134,19 +170,25 @@ async def token_header(request: web.Request) -> web.Response:
     return web.Response(status=204, headers={"Authorization": token.header})
 
 
-async def _take(request: web.Request) -> tuple[Refresher, Any] | web.Response:
-    """Resolve the client and its token, or the error answer to send."""
+async def _take(
+    request: web.Request, *, force: bool = False
+) -> tuple[Refresher, Token] | web.Response:
+    """Resolve the client, its scope set and its token, or the error answer."""
     name = request.match_info["client"]
-    refresher = request.app[REGISTRY].get(name)
+    registry = request.app[REGISTRY]
+    refresher = registry.get(name)
     if refresher is None:
         return error(404, "unknown_client", f"no client named {name!r}", name)
 
     problem = _check_query(request)
     if problem:
         return error(400, "invalid_request", problem, name)
+    scopes = _requested_scopes(request, refresher.scopes)
+    if isinstance(scopes, web.Response):
+        return scopes
     min_ttl = float(request.query.get("min_ttl", 0))
     held = refresher.token
-    if held is not None and min_ttl > held.lifetime - held.margin:
+    if scopes is None and held is not None and min_ttl > held.lifetime - held.margin:
         return error(
             400,
             "invalid_request",
@@ -155,21 +197,50 @@ async def _take(request: web.Request) -> tuple[Refresher, Any] | web.Response:
             name,
         )
 
+    if scopes is not None:
+        if SCOPED not in request.app:
+            return error(400, "invalid_request", "scope= is not served here", name)
+        refresher = request.app[SCOPED].refresher(name, scopes)
     metrics, listener = request.app[METRICS], request.app[LISTENER]
     try:
-        token = await refresher.get(min_ttl)
+        token = await (refresher.force() if force else refresher.get(min_ttl))
     except TokenUnavailable as exc:
         metrics.served(name, listener, "unavailable")
         return _unavailable(exc)
+    if scopes is not None:
+        request.app[SCOPED].settle(name, scopes)
     metrics.served(name, listener, "ok")
 
     return refresher, token
 
 
+def _requested_scopes(
+    request: web.Request, configured: tuple[str, ...]
+) -> tuple[str, ...] | web.Response | None:
+    """The scope subset asked for; ``None`` for the configured set."""
+    name = request.match_info["client"]
+    if "scope" not in request.query:
+        return None
+    scopes = normalise(request.query["scope"])
+    if not scopes:
+        return error(400, "invalid_request", "scope is empty", name)
+    extra = sorted(set(scopes) - set(configured))
+    if extra:
+        return error(
+            403,
+            "forbidden",
+            f"scope {extra[0]!r} is not among this client's scopes",
+            name,
+            reason="scope_not_allowed",
+        )
+    if set(scopes) == set(configured):
+        return None
+
+    return scopes
+
+
 def _check_query(request: web.Request) -> str | None:
     query = request.query
-    if "scope" in query:
-        return "per-request scopes are not supported yet; configure a client"
     unknown = sorted(set(query) - _TOKEN_PARAMS)
     if unknown:
         return f"unknown query parameter {unknown[0]!r}"
@@ -201,35 +272,66 @@ def _unavailable(exc: TokenUnavailable) -> web.Response:
     return response
 
 
+async def quit_broker(request: web.Request) -> web.Response:
+    """``POST /v1/quit``: stop the broker gracefully (Unix socket only).
+
+    For classic sidecars in Jobs: the main container says it is done. Over
+    TCP it is refused, so no web page or SSRF can end the broker.
+    """
+    if request.app[LISTENER] != "unix" or STOP not in request.app:
+        return error(
+            403,
+            "forbidden",
+            "quit is accepted only on the Unix socket",
+            reason="unix_only",
+        )
+
+    log.info("broker.quit_requested", listener=request.app[LISTENER])
+    request.app[STOP].set()
+    return web.json_response({"status": "stopping"}, status=202)
+
+
 async def clients(request: web.Request) -> web.Response:
-    """``GET /v1/clients``: every client's state, never a token."""
+    """``GET /v1/clients``: every client's state, never a token.
+
+    Each client lists the scope subsets callers asked for under ``scoped``.
+    """
     clock = request.app[CLOCK]
     now, wall = clock.now(), clock.wall()
+    scoped = request.app.get(SCOPED)
 
     def at(moment: float | None) -> str | None:
         return None if moment is None else _iso(wall + (moment - now))
 
-    answer = []
-    for refresher in request.app[REGISTRY]:
+    def state(refresher: Refresher) -> dict[str, Any]:
         token = refresher.token
         failure = refresher.last_error
-        answer.append(
-            {
-                "name": refresher.name,
-                "environment": refresher.environment,
-                "scopes": list(refresher.scopes),
-                "state": refresher.state(),
-                "expires_at": token.expires_iso if token else None,
-                "refresh_at": at(refresher.next_attempt),
-                "last_refresh": _iso(refresher.last_success_wall),
-                "consecutive_failures": refresher.failures,
-                "last_error": (
-                    {"reason": failure.reason, "message": failure.message}
-                    if failure
-                    else None
-                ),
-            }
-        )
+        return {
+            "scopes": list(refresher.scopes),
+            "state": refresher.state(),
+            "expires_at": token.expires_iso if token else None,
+            "refresh_at": at(refresher.next_attempt),
+            "last_refresh": _iso(refresher.last_success_wall),
+            "consecutive_failures": refresher.failures,
+            "last_error": (
+                {"reason": failure.reason, "message": failure.message}
+                if failure
+                else None
+            ),
+        }
+
+    answer = []
+    for refresher in request.app[REGISTRY]:
+        entry = {
+            "name": refresher.name,
+            "environment": refresher.environment,
+            **state(refresher),
+            "scoped": [
+                state(subset)
+                for subset in (scoped.entries(refresher.name) if scoped else [])
+            ],
+        }
+        answer.append(entry)
 
     return web.json_response({"clients": answer})
 

@@ -65,17 +65,40 @@ def _parser() -> argparse.ArgumentParser:
 
     token = command("token", _token, "print a token from a running broker")
     token.add_argument("client", help="the client's name in the config")
-    where = token.add_mutually_exclusive_group()
-    where.add_argument("--socket", help=f"broker socket (default {DEFAULT_SOCKET})")
-    where.add_argument("--url", help="broker TCP URL, e.g. http://127.0.0.1:8181")
-    where.add_argument("-c", "--config", help="take the socket path from this config")
+    _broker_address(token)
     token.add_argument("--format", choices=["raw", "json", "header"], default="raw")
     token.add_argument("--min-ttl", type=float, help="seconds the token must live")
+
+    status = command("status", _status, "show each client's state in a running broker")
+    _broker_address(status)
+    status.add_argument("--json", action="store_true", help="print the JSON answer")
 
     dev = command("dev-issuer", _dev_issuer, "run only the config's dev_issuer")
     dev.add_argument("-c", "--config", required=True, help="config file (YAML)")
 
     return parser
+
+
+def _broker_address(sub: argparse.ArgumentParser) -> None:
+    where = sub.add_mutually_exclusive_group()
+    where.add_argument("--socket", help=f"broker socket (default {DEFAULT_SOCKET})")
+    where.add_argument("--url", help="broker TCP URL, e.g. http://127.0.0.1:8181")
+    where.add_argument("-c", "--config", help="take the socket path from this config")
+
+
+def _socket_of(args: argparse.Namespace) -> str | int | None:
+    """The socket to ask (``None`` with --url), or an exit code on error."""
+    if args.url is not None:
+        return None
+    if args.config:
+        loaded = _load(args)
+        if loaded is None:
+            return USAGE
+        if loaded.config.listen.unix is None:
+            print("token-broker: that config has no unix socket", file=sys.stderr)
+            return USAGE
+        return loaded.config.listen.unix
+    return args.socket or os.environ.get("TOKEN_BROKER_SOCKET", DEFAULT_SOCKET)
 
 
 def _load(args: argparse.Namespace) -> Loaded | None:
@@ -172,17 +195,9 @@ def _check(args: argparse.Namespace) -> int:
 def _token(args: argparse.Namespace) -> int:
     from broker.client import BrokerUnreachable, ask_token
 
-    socket_path = args.socket
-    if args.config:
-        loaded = _load(args)
-        if loaded is None:
-            return USAGE
-        socket_path = loaded.config.listen.unix
-        if socket_path is None:
-            print("token-broker: that config has no unix socket", file=sys.stderr)
-            return USAGE
-    if args.url is None and socket_path is None:
-        socket_path = os.environ.get("TOKEN_BROKER_SOCKET", DEFAULT_SOCKET)
+    socket_path = _socket_of(args)
+    if isinstance(socket_path, int):
+        return socket_path
 
     try:
         answer = asyncio.run(
@@ -212,4 +227,24 @@ def _token(args: argparse.Namespace) -> int:
     else:
         print(token)
 
+    return OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from broker.client import BrokerUnreachable, ask
+    from broker.status import table
+
+    socket_path = _socket_of(args)
+    if isinstance(socket_path, int):
+        return socket_path
+    try:
+        answer = asyncio.run(ask("/v1/clients", socket_path=socket_path, url=args.url))
+    except BrokerUnreachable as exc:
+        print(f"token-broker: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    if answer.status != 200:
+        print(f"token-broker: status {answer.status}: {answer.raw}", file=sys.stderr)
+        return FAILED
+
+    print(answer.raw if args.json else table(answer.body))
     return OK

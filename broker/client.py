@@ -34,6 +34,20 @@ async def ask_token(
 ) -> Answer:
     """GET the client's token as JSON over the socket or the TCP URL."""
     params = {} if min_ttl is None else {"min_ttl": f"{min_ttl:g}"}
+    path = f"/v1/tokens/{quote(client, safe='')}"
+
+    return await ask(path, params, socket_path=socket_path, url=url, timeout=timeout)
+
+
+async def ask(
+    path: str,
+    params: dict[str, str] | None = None,
+    *,
+    socket_path: str | None = None,
+    url: str | None = None,
+    timeout: float = 15.0,
+) -> Answer:
+    """GET ``path`` from a running broker over its socket or its TCP URL."""
     base = url.rstrip("/") if url else "http://localhost"
     connector: aiohttp.BaseConnector | None = None
     if url is None:
@@ -47,8 +61,8 @@ async def ask_token(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as session,
             session.get(
-                f"{base}/v1/tokens/{quote(client, safe='')}",
-                params=params,
+                f"{base}{path}",
+                params=params or {},
                 headers={HEADER: "1", "Accept": "application/json"},
                 allow_redirects=False,
             ) as response,

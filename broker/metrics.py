@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from broker import __version__
 
+HOOK_RESULTS = ("success", "failure", "timeout", "skipped")
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -58,6 +64,19 @@ class Metrics:
             ["client", "status"],
             registry=self.registry,
         )
+        self.sink_writes = Counter(
+            "token_broker_sink_writes",
+            "Token files written, by result (success, failure).",
+            ["client", "result"],
+            registry=self.registry,
+        )
+        self.on_refresh = Counter(
+            "token_broker_on_refresh",
+            "Runs of a client's on_refresh command, by result "
+            "(success, failure, timeout, skipped).",
+            ["client", "result"],
+            registry=self.registry,
+        )
         self.build = Info(
             "token_broker_build", "Version of token-broker.", registry=self.registry
         )
@@ -69,13 +88,24 @@ class Metrics:
         self.refresh_duration.labels(client)
 
     def refreshed(
-        self, client: str, environment: str, duration: float, expires_wall: float
+        self,
+        client: str,
+        environment: str,
+        duration: float,
+        expires_wall: float,
+        *,
+        gauges: bool = True,
     ) -> None:
-        """Record a successful token request."""
+        """Record a successful token request.
+
+        ``gauges`` is false for tokens of a scope subset: they count as the
+        client's requests, but the gauges describe its configured token.
+        """
         self.refresh.labels(client, environment, "success", "none").inc()
         self.refresh_duration.labels(client).observe(duration)
-        self.expiry.labels(client).set(expires_wall)
-        self.failures.labels(client).set(0)
+        if gauges:
+            self.expiry.labels(client).set(expires_wall)
+            self.failures.labels(client).set(0)
 
     def refresh_failed(
         self,
@@ -84,11 +114,14 @@ class Metrics:
         reason: str,
         duration: float,
         failures: int,
+        *,
+        gauges: bool = True,
     ) -> None:
         """Record a failed token request and its classified reason."""
         self.refresh.labels(client, environment, "failure", reason).inc()
         self.refresh_duration.labels(client).observe(duration)
-        self.failures.labels(client).set(failures)
+        if gauges:
+            self.failures.labels(client).set(failures)
 
     def served(self, client: str, listener: str, result: str) -> None:
         """Count one token handed out (or refused) to a local caller."""
@@ -98,6 +131,70 @@ class Metrics:
         """Count one HTTP answer an issuer gave to a token request."""
         self.upstream.labels(client, str(status)).inc()
 
+    def add_sinks(self, client: str, hook: bool) -> None:
+        """Create a client's token-file series (and hook series) at zero."""
+        for result in ("success", "failure"):
+            self.sink_writes.labels(client, result)
+        if hook:
+            for result in HOOK_RESULTS:
+                self.on_refresh.labels(client, result)
+
+    def sink_written(self, client: str, ok: bool) -> None:
+        """Count one token file written (or not)."""
+        self.sink_writes.labels(client, "success" if ok else "failure").inc()
+
+    def hook_ran(self, client: str, result: str) -> None:
+        """Count one on_refresh run; ``result`` is one of :data:`HOOK_RESULTS`."""
+        self.on_refresh.labels(client, result).inc()
+
+    def remove_sinks(self, client: str) -> None:
+        """Drop a removed client's token-file and hook series."""
+        for result in ("success", "failure"):
+            with contextlib.suppress(KeyError):
+                self.sink_writes.remove(client, result)
+        for result in HOOK_RESULTS:
+            with contextlib.suppress(KeyError):
+                self.on_refresh.remove(client, result)
+
     def issuer_skew(self, environment: str, seconds: float) -> None:
         """Record the clock skew last measured against an environment's issuer."""
         self.clock_skew.labels(environment).set(seconds)
+
+    def track(
+        self,
+        validity: Callable[[], Iterable[tuple[str, bool]]],
+        scoped_tokens: Callable[[], int],
+    ) -> None:
+        """Export values read at scrape time, so they are never stale.
+
+        ``validity`` lists each client with whether it holds a servable
+        token; ``scoped_tokens`` counts the cached scope-subset tokens.
+        """
+        self.registry.register(_Live(validity, scoped_tokens))
+
+
+class _Live(Collector):
+    """Gauges computed when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        validity: Callable[[], Iterable[tuple[str, bool]]],
+        scoped_tokens: Callable[[], int],
+    ) -> None:
+        self._validity = validity
+        self._scoped_tokens = scoped_tokens
+
+    def collect(self) -> Iterator[Metric]:
+        valid = GaugeMetricFamily(
+            "token_broker_token_valid",
+            "1 while the client holds a token that may be served, else 0.",
+            labels=["client"],
+        )
+        for client, ok in self._validity():
+            valid.add_metric([client], 1.0 if ok else 0.0)
+        yield valid
+        yield GaugeMetricFamily(
+            "token_broker_scoped_tokens",
+            "Scope-subset tokens held in the on-demand cache.",
+            value=float(self._scoped_tokens()),
+        )

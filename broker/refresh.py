@@ -56,6 +56,8 @@ class Refresher:
         give_up: asyncio.Event | None = None,
         fingerprint: Callable[[], str] | None = None,
         on_token: OnToken | None = None,
+        scoped: bool = False,
+        keep_going: Callable[[], bool] | None = None,
     ) -> None:
         self.name = name
         self.environment = environment
@@ -73,6 +75,10 @@ class Refresher:
         self._fingerprint = fingerprint
         self._refused_with: str | None = None
         self._on_token = on_token
+        # A token for a subset of the client's scopes (see broker.scoped):
+        # it counts as the client's, and it stops when nobody uses it.
+        self.scoped = scoped
+        self._keep_going = keep_going
 
         self.token: Token | None = None
         self.failures = 0
@@ -82,7 +88,8 @@ class Refresher:
         self._attempted_at: float | None = None
         self._inflight: asyncio.Task[Token] | None = None
         self._changed = asyncio.Event()
-        metrics.add_client(name)
+        if not scoped:
+            metrics.add_client(name)
 
     async def run(self) -> None:
         """Fetch now, then keep refreshing until cancelled."""
@@ -94,10 +101,15 @@ class Refresher:
 
             now = self._clock.now()
             if now >= self.next_attempt:
+                if self.token is not None and not self._wanted():
+                    return
                 await asyncio.wait({self.refresh()})
                 continue
 
             await self._wait(self.next_attempt - now)
+
+    def _wanted(self) -> bool:
+        return self._keep_going is None or self._keep_going()
 
     def cancel(self) -> None:
         """Abandon a request in flight (at shutdown)."""
@@ -152,6 +164,31 @@ class Refresher:
             )
         finally:
             give_up.cancel()
+
+    async def force(self) -> Token:
+        """A new token now, for a caller whose API refused the held one.
+
+        Joins a request in flight. Within ``min_interval`` of the last
+        request, or during a backoff, no new request is made: the newest
+        token is returned (a second refresh could not be fresher), or
+        :class:`TokenUnavailable` when none is valid.
+        """
+        task = self._inflight
+        if task is None or task.done():
+            if not self._may_fetch(self._clock.now()):
+                token = self.servable()
+                if token is not None:
+                    return token
+                raise self.unavailable()
+            log.info("token.forced", client=self.name, scope=" ".join(self.scopes))
+            task = self.refresh()
+        await self._wait_for(task)
+
+        token = self.servable()
+        if token is None:
+            raise self.unavailable()
+
+        return token
 
     def servable(self) -> Token | None:
         """The cached token if it may be handed out now, else ``None``."""
@@ -299,7 +336,11 @@ class Refresher:
         self._changed.set()
 
         self._metrics.refreshed(
-            self.name, self.environment, duration, token.expires_wall
+            self.name,
+            self.environment,
+            duration,
+            token.expires_wall,
+            gauges=not self.scoped,
         )
         log.info(
             "token.refreshed",
@@ -325,7 +366,12 @@ class Refresher:
         self._changed.set()
 
         self._metrics.refresh_failed(
-            self.name, self.environment, error.reason, duration, self.failures
+            self.name,
+            self.environment,
+            error.reason,
+            duration,
+            self.failures,
+            gauges=not self.scoped,
         )
         log.warning(
             "token.refresh_failed",

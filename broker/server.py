@@ -17,9 +17,12 @@ from broker.config import Config
 from broker.issuer import IssuerClient, skew_observer
 from broker.metrics import Metrics
 from broker.registry import Registry, issuer_fetch
+from broker.scoped import ScopedTokens, builder
 from broker.transport import client_session
 
 log = structlog.get_logger("broker.server")
+
+EXIT_FILE_CHECK_EVERY = 1.0
 
 
 @dataclass
@@ -46,29 +49,37 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             stack.push_async_callback(issuer_server.close)
 
         session = await stack.enter_async_context(client_session())
+        issuer = IssuerClient(
+            session,
+            observe_skew=skew_observer(metrics),
+            observe_status=metrics.upstream_response,
+        )
         registry = Registry(
-            config,
-            issuer_fetch(
-                IssuerClient(
-                    session,
-                    observe_skew=skew_observer(metrics),
-                    observe_status=metrics.upstream_response,
-                ),
-                config,
-            ),
-            clock=clock,
-            metrics=metrics,
+            config, issuer_fetch(issuer, config), clock=clock, metrics=metrics
+        )
+        scoped = ScopedTokens(builder(registry, issuer, clock, metrics), clock)
+        metrics.track(
+            lambda: [(r.name, r.servable() is not None) for r in registry],
+            lambda: len(scoped),
         )
         # Unwound in reverse: listeners drain first, while the clients (and
         # an embedded issuer) still run to answer requests in flight.
         stack.push_async_callback(registry.stop)
+        stack.callback(scoped.close)
         listeners = Listeners()
         stack.push_async_callback(_close_listeners, listeners, config)
-        await _listen(config, registry, metrics, clock, listeners)
+        await _listen(config, registry, metrics, clock, listeners, scoped, stop)
 
         registry.start()
-        watcher = asyncio.create_task(clock.watch_suspend(), name="suspend-watch")
-        stack.callback(watcher.cancel)
+        background = [asyncio.create_task(clock.watch_suspend(), name="suspend")]
+        if config.exit_when_file_exists is not None:
+            background.append(
+                asyncio.create_task(
+                    _exit_when_file_exists(config.exit_when_file_exists, stop)
+                )
+            )
+        for task in background:
+            stack.callback(task.cancel)
 
         log.info(
             "broker.started",
@@ -91,12 +102,29 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     log.info("broker.stopped")
 
 
+async def _exit_when_file_exists(path: str, stop: asyncio.Event) -> None:
+    """Stop the broker once ``path`` exists (a Job's main container is done).
+
+    A classic sidecar cannot see its neighbour exit; a file on a shared
+    volume is the usual signal. Checked every second: an exit a second late
+    costs nothing, and no portable notification covers every volume type.
+    """
+    # A stat on a network volume can block: keep it off the event loop.
+    while not await asyncio.to_thread(os.path.exists, path):  # noqa: ASYNC110
+        await asyncio.sleep(EXIT_FILE_CHECK_EVERY)
+
+    log.info("broker.exit_file_seen", path=path)
+    stop.set()
+
+
 async def _listen(
     config: Config,
     registry: Registry,
     metrics: Metrics,
     clock: SystemClock,
     listeners: Listeners,
+    scoped: ScopedTokens,
+    stop: asyncio.Event,
 ) -> None:
     listen = config.listen
     drain = listen.drain_timeout
@@ -108,7 +136,9 @@ async def _listen(
         return runner
 
     if listen.http is not None:
-        app = api.create_app(registry, metrics, clock, listener="tcp")
+        app = api.create_app(
+            registry, metrics, clock, listener="tcp", scoped=scoped, stop=stop
+        )
         runner = await runner_for(app)
         site = web.TCPSite(runner, listen.http.host, listen.http.port)
         await site.start()
@@ -117,7 +147,9 @@ async def _listen(
         sock, identity = unixsock.bind(listen.unix, listen.unix_mode)
         listeners.socket_identity = identity
         listeners.unix = listen.unix
-        app = api.create_app(registry, metrics, clock, listener="unix")
+        app = api.create_app(
+            registry, metrics, clock, listener="unix", scoped=scoped, stop=stop
+        )
         runner = await runner_for(app)
         await web.SockSite(runner, sock).start()
     if listen.metrics is not None:

@@ -190,7 +190,7 @@ async def test_unknown_client_is_404(setup: Setup, tcp: Client) -> None:
         ("min_ttl=99999", "exceeds the lifetime"),
         ("format=xml", "format must be json or raw"),
         ("foo=1", "unknown query parameter 'foo'"),
-        ("scope=a", "per-request scopes"),
+        ("scope=", "scope is empty"),
     ],
 )
 async def test_bad_query_is_400(

@@ -1,0 +1,173 @@
+"""Tokens for a subset of a client's scopes, fetched when first asked for.
+
+``GET /v1/tokens/{client}?scope=a b`` asks for fewer scopes than the client
+is configured with (least privilege per call site). Each (client, scope set)
+gets its own refresher, kept in a bounded cache: an entry lives exactly as
+long as its token, is refreshed while callers keep asking for it, and is
+dropped when a whole token lifetime passes without a caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+from cachetools import TLRUCache
+
+from broker.clock import Clock
+from broker.issuer import IssuerClient
+from broker.metrics import Metrics
+from broker.refresh import Refresher
+from broker.registry import Registry
+
+Key = tuple[str, tuple[str, ...]]
+# Builds a refresher for a client and a scope subset; ``keep_going`` tells it
+# whether anyone asked since its last token.
+Build = Callable[[str, tuple[str, ...], Callable[[], bool]], Refresher]
+
+# An entry whose first token has not come yet lives this long at most.
+PENDING_SECONDS = 60.0
+DEFAULT_MAX_ENTRIES = 256
+
+
+def normalise(requested: str) -> tuple[str, ...]:
+    """The scope set of a ``scope`` parameter: split, deduplicated, sorted."""
+    return tuple(sorted(set(requested.split())))
+
+
+@dataclass
+class Entry:
+    """One cached scope set: its refresher, its loop, and recent use."""
+
+    refresher: Refresher = field(init=False)
+    task: asyncio.Task[None] | None = None
+    used: bool = True
+
+    def take_use(self) -> bool:
+        """Whether it was used since the last call; resets the mark."""
+        used, self.used = self.used, False
+        return used
+
+    def stop(self) -> None:
+        self.refresher.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+
+class _Cache(TLRUCache[Key, Entry]):
+    """A TLRU cache that stops the loops of the entries it lets go."""
+
+    def popitem(self) -> tuple[Key, Entry]:
+        key, entry = super().popitem()
+        entry.stop()
+        return key, entry
+
+    def expire(self, time: float | None = None) -> list[tuple[Key, Entry]]:
+        expired: list[tuple[Key, Entry]] = list(super().expire(time))
+        for _, entry in expired:
+            entry.stop()
+        return expired
+
+
+class ScopedTokens:
+    """The cache of scope-subset tokens, for every client."""
+
+    def __init__(
+        self, build: Build, clock: Clock, max_entries: int = DEFAULT_MAX_ENTRIES
+    ) -> None:
+        self._build = build
+        self._cache = _Cache(max_entries, ttu=_until_expiry, timer=clock.now)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def refresher(self, client: str, scopes: tuple[str, ...]) -> Refresher:
+        """The refresher of ``client`` for exactly ``scopes``, started on first use.
+
+        Marks the entry as used, so its loop keeps the token fresh.
+        """
+        key = (client, scopes)
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = Entry()
+            entry.refresher = self._build(client, scopes, entry.take_use)
+            entry.task = asyncio.create_task(
+                entry.refresher.run(), name=f"scoped-{client}"
+            )
+            self._cache[key] = entry
+        entry.used = True
+
+        return entry.refresher
+
+    def settle(self, client: str, scopes: tuple[str, ...]) -> None:
+        """Let the entry's life follow the token it now holds."""
+        key = (client, scopes)
+        entry = self._cache.get(key)
+        if entry is not None:
+            self._cache[key] = entry
+
+    def entries(self, client: str) -> list[Refresher]:
+        """The cached scope-set refreshers of one client (for status)."""
+        return [
+            self._cache[key].refresher
+            for key in list(self._cache)
+            if key[0] == client and key in self._cache
+        ]
+
+    def drop(self, client: str) -> None:
+        """Forget every scope set of a client (removed or changed)."""
+        for key in [key for key in list(self._cache) if key[0] == client]:
+            entry = self._cache.pop(key, None)
+            if entry is not None:
+                entry.stop()
+
+    def close(self) -> None:
+        """Stop every loop (at shutdown)."""
+        for key in list(self._cache):
+            entry = self._cache.pop(key, None)
+            if entry is not None:
+                entry.stop()
+
+
+def builder(
+    registry: Registry, issuer: IssuerClient, clock: Clock, metrics: Metrics
+) -> Build:
+    """Build scope-subset refreshers from the registry's current config."""
+
+    def build(
+        name: str, scopes: tuple[str, ...], keep_going: Callable[[], bool]
+    ) -> Refresher:
+        config = registry.config
+        spec = config.clients[name].model_copy(update={"scopes": scopes})
+        policy = config.policy(name)
+        fetch = partial(
+            issuer.fetch,
+            spec,
+            config.environments[spec.environment],
+            policy.timeout,
+            spec.environment,
+            name,
+        )
+        return Refresher(
+            name,
+            spec.environment,
+            scopes,
+            policy,
+            fetch,
+            clock=clock,
+            metrics=metrics,
+            give_up=registry.give_up,
+            scoped=True,
+            keep_going=keep_going,
+        )
+
+    return build
+
+
+def _until_expiry(key: Key, entry: Entry, now: float) -> float:
+    token = entry.refresher.token
+    if token is None:
+        return now + PENDING_SECONDS
+    return token.expires_at
