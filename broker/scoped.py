@@ -19,13 +19,14 @@ from cachetools import TLRUCache
 from broker.clock import Clock
 from broker.issuer import IssuerClient
 from broker.metrics import Metrics
-from broker.refresh import Refresher
+from broker.refresh import OnToken, Refresher
 from broker.registry import Registry
+from broker.token import Token
 
 Key = tuple[str, tuple[str, ...]]
 # Builds a refresher for a client and a scope subset; ``keep_going`` tells it
-# whether anyone asked since its last token.
-Build = Callable[[str, tuple[str, ...], Callable[[], bool]], Refresher]
+# whether anyone asked since its last token, ``on_token`` is its hook.
+Build = Callable[[str, tuple[str, ...], Callable[[], bool], OnToken], Refresher]
 
 # An entry whose first token has not come yet lives this long at most.
 PENDING_SECONDS = 60.0
@@ -92,7 +93,11 @@ class ScopedTokens:
         entry = self._cache.get(key)
         if entry is None:
             entry = Entry()
-            entry.refresher = self._build(client, scopes, entry.take_use)
+
+            async def follow(token: Token) -> None:
+                self.settle(client, scopes)
+
+            entry.refresher = self._build(client, scopes, entry.take_use, follow)
             entry.task = asyncio.create_task(
                 entry.refresher.run(), name=f"scoped-{client}"
             )
@@ -137,7 +142,10 @@ def builder(
     """Build scope-subset refreshers from the registry's current config."""
 
     def build(
-        name: str, scopes: tuple[str, ...], keep_going: Callable[[], bool]
+        name: str,
+        scopes: tuple[str, ...],
+        keep_going: Callable[[], bool],
+        on_token: OnToken,
     ) -> Refresher:
         config = registry.config
         spec = config.clients[name].model_copy(update={"scopes": scopes})
@@ -161,6 +169,7 @@ def builder(
             give_up=registry.give_up,
             scoped=True,
             keep_going=keep_going,
+            on_token=on_token,
         )
 
     return build

@@ -80,8 +80,9 @@ def grant(token: str = "tok-1", expires_in: float | None = 3600.0) -> Grant:
 class ScriptedFetch:
     """An issuer that answers from a script; ``hold`` keeps a request open."""
 
-    def __init__(self, outcomes: Iterable[Outcome] = ()) -> None:
+    def __init__(self, outcomes: Iterable[Outcome] = (), prefix: str = "auto") -> None:
         self.outcomes: deque[Outcome] = deque(outcomes)
+        self.prefix = prefix
         self.calls = 0
         self.hold: asyncio.Event | None = None
         self._counter = 0
@@ -94,7 +95,7 @@ class ScriptedFetch:
             outcome = self.outcomes.popleft()
         else:
             self._counter += 1
-            outcome = grant(f"auto-{self._counter}")
+            outcome = grant(f"{self.prefix}-{self._counter}")
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
