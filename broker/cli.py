@@ -1,4 +1,4 @@
-"""The ``token-broker`` command line: serve, check-config, token, dev-issuer."""
+"""The ``token-broker`` command line: serve, check-config, once, token, dev-issuer."""
 
 from __future__ import annotations
 
@@ -72,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     status = command("status", _status, "show each client's state in a running broker")
     _broker_address(status)
     status.add_argument("--json", action="store_true", help="print the JSON answer")
+
+    once = command("once", _once, "fetch tokens once, write their files, and exit")
+    once.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    once.add_argument("clients", nargs="*", metavar="CLIENT", help="default: all")
+    once.add_argument(
+        "--attempts",
+        type=_attempts,
+        default=3,
+        help="tries per client for transient failures (default 3)",
+    )
 
     dev = command("dev-issuer", _dev_issuer, "run only the config's dev_issuer")
     dev.add_argument("-c", "--config", required=True, help="config file (YAML)")
@@ -187,9 +197,50 @@ def _check(args: argparse.Namespace) -> int:
         return USAGE
 
     from broker.describe import describe
+    from broker.sinks import check_sinks
+
+    problems = check_sinks(loaded.config)
+    for problem in problems:
+        print(f"token-broker: config error: {loaded.path}: {problem}", file=sys.stderr)
+    if problems:
+        return USAGE
 
     print(describe(loaded))
     return OK
+
+
+def _attempts(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10:
+        raise argparse.ArgumentTypeError("expected a whole number from 1 to 10")
+    return int(text)
+
+
+def _once(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if loaded is None:
+        return USAGE
+    unknown = [name for name in args.clients if name not in loaded.config.clients]
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        print(f"token-broker: {args.config} has no client {names}", file=sys.stderr)
+        return USAGE
+    _configure_logs(args, loaded)
+    for kind, client in loaded.warnings:
+        log.warning(f"config.{kind}", client=client, file=loaded.path)
+
+    from broker import oneshot
+
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            outcomes = runner.run(
+                oneshot.run_once(loaded.config, args.clients, attempts=args.attempts)
+            )
+    except (BrokerError, OSError) as exc:
+        print(f"token-broker: {exc}", file=sys.stderr)
+        return FAILED
+
+    print(oneshot.summary(outcomes), end="")
+    return oneshot.exit_code(outcomes)
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -5,7 +5,9 @@ It says where every secret comes from and never what it is.
 
 from __future__ import annotations
 
-from broker.config import Client, Config, HostPort
+import shlex
+
+from broker.config import Client, Config, HostPort, Sink
 from broker.loader import Loaded
 
 _INDENT = "  "
@@ -87,8 +89,21 @@ def _client_rows(config: Config, client: Client) -> list[tuple[str, str]]:
     if client.params:
         # Names only: an extra parameter may carry something private.
         rows.append(("extra params", ", ".join(sorted(client.params))))
+    rows += [("token file", _sink(sink)) for sink in client.sinks]
+    if client.on_refresh is not None:
+        rows.append(("on_refresh", shlex.join(client.on_refresh)))
 
     return rows
+
+
+def _sink(sink: Sink) -> str:
+    details = [sink.format, f"mode {sink.mode:04o}"]
+    if sink.format == "env":
+        details.insert(1, f"variable {sink.variable}")
+    if sink.owner is not None:
+        details.append(f"owner {sink.owner}")
+
+    return f"{sink.path} ({', '.join(details)})"
 
 
 def _table(rows: list[tuple[str, str]], depth: int = 1, width: int = 0) -> list[str]:
