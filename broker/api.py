@@ -342,11 +342,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: every required client holds a servable token."""
-    waiting = request.app[REGISTRY].waiting()
-    if waiting:
+    """Readiness: every required client holds a servable token, and its
+    token files are written."""
+    registry = request.app[REGISTRY]
+    waiting = registry.waiting()
+    unwritten = registry.sinks.failing()
+    if waiting or unwritten:
         return web.json_response(
-            {"status": "not_ready", "waiting_for": waiting}, status=503
+            {
+                "status": "not_ready",
+                "waiting_for": waiting,
+                "sinks_failing": unwritten,
+            },
+            status=503,
         )
     return web.json_response({"status": "ready"})
 

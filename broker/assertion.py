@@ -151,7 +151,10 @@ def _describe(key: object) -> str:
         return f"an RSA key of {key.key_size} bits"
     if isinstance(key, _EC):
         return f"an EC key on curve {key.curve.name}"
-    return f"a {type(key).__name__.removeprefix('_')} key"
+    kind = type(key).__name__.removeprefix("_")
+    for suffix in ("PrivateKey", "PublicKey"):
+        kind = kind.removesuffix(suffix)
+    return f"an {kind} key" if kind[:1] in "AEIOU" else f"a {kind} key"
 
 
 def public_jwk(key: PublicKey) -> dict[str, str]:

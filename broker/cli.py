@@ -136,12 +136,15 @@ def _serve(args: argparse.Namespace) -> int:
     for kind, client in loaded.warnings:
         log.warning(f"config.{kind}", client=client, file=loaded.path)
 
+    from broker.reload import Source
     from broker.server import install_signals, serve
+
+    source = Source(loaded.path, os.environ, args.log_level, sys.stdout)
 
     async def run() -> None:
         stop = asyncio.Event()
         install_signals(asyncio.get_running_loop(), stop)
-        await serve(loaded.config, stop)
+        await serve(loaded.config, stop, source)
 
     return _run_daemon(run)
 

@@ -38,7 +38,13 @@ from broker.fields import (
     require_loopback,
     resolve_path,
 )
-from broker.secret import PemFile, SecretSource, pem_from_spec, source_from_spec
+from broker.secret import (
+    PemFile,
+    SecretSource,
+    load_chain,
+    pem_from_spec,
+    source_from_spec,
+)
 
 __all__ = [
     "SUN_PATH_MAX",
@@ -194,6 +200,14 @@ class Environment(StrictModel):
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else check_token_url(value)
 
+    @field_validator("issuer")
+    @classmethod
+    def _bare_issuer(cls, value: str | None) -> str | None:
+        # RFC 8414 2: an issuer identifier has no query or fragment.
+        if value is not None and "?" in value:
+            raise ValueError("an issuer identifier has no ?query (RFC 8414)")
+        return value
+
     @model_validator(mode="after")
     def _one_way_to_the_endpoint(self) -> Environment:
         if (self.token_url is None) == (self.issuer is None):
@@ -239,6 +253,21 @@ class ClientCert(StrictModel):
         if isinstance(value, str):
             value = {"file": value}
         return pem_from_spec(value, (info.context or {}).get("base_dir", "."))
+
+    @model_validator(mode="after")
+    def _usable(self) -> ClientCert:
+        # Load it once now: a swapped, mismatched or encrypted key fails the
+        # config, not the first request (and never prompts for a password).
+        try:
+            load_chain(
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), self.cert.path, self.key.path
+            )
+        except (ssl.SSLError, OSError):
+            raise ValueError(
+                f"{self.cert.path} and {self.key.path} are not a certificate and "
+                "its matching unencrypted PEM key"
+            ) from None
+        return self
 
 
 class Client(StrictModel):
@@ -391,6 +420,7 @@ class Config(StrictModel):
     log: Log = Log()
     dev_issuer: DevIssuer | None = None
     exit_when_file_exists: str | None = Field(None, min_length=1)
+    watch_config: Duration | None = Field(2.0, ge=0.1)
 
     @field_validator("exit_when_file_exists")
     @classmethod

@@ -31,6 +31,21 @@ def credential(client: Client, token_url: str) -> Secret | None:
     return None
 
 
+def signing_alg(client: Client) -> str | None:
+    """The algorithm of the client's assertions (None unless private_key_jwt)."""
+    if client.auth != "private_key_jwt" or client.private_key is None:
+        return None
+    if client.signing_alg is not None:
+        return client.signing_alg
+
+    from broker import assertion
+
+    try:
+        return assertion.check_key(client.private_key.read().reveal(), None)
+    except ValueError as exc:
+        raise IssuerError("secret_unreadable", str(exc)) from None
+
+
 def rotatable(client: Client) -> bool:
     """True when some credential of the client lives in a file."""
     secret = client.client_secret

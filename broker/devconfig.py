@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from broker.fields import (
@@ -11,6 +13,7 @@ from broker.fields import (
     readable_file,
     require_loopback,
 )
+from broker.secret import PemFile, load_chain
 
 
 class DevClient(StrictModel):
@@ -29,7 +32,11 @@ class DevClient(StrictModel):
     def _public_key(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        return readable_file(value, info, "the public key")
+        path = readable_file(value, info, "the public key")
+        from broker.assertion import load_public_key
+
+        load_public_key(PemFile(path))  # raises ValueError naming the problem
+        return path
 
     @model_validator(mode="after")
     def _can_authenticate(self) -> DevClient:
@@ -48,6 +55,17 @@ class DevTls(StrictModel):
     @classmethod
     def _readable(cls, value: str, info: ValidationInfo) -> str:
         return readable_file(value, info, "the file")
+
+    @model_validator(mode="after")
+    def _usable(self) -> DevTls:
+        try:
+            load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), self.cert, self.key)
+        except (ssl.SSLError, OSError):
+            raise ValueError(
+                f"{self.cert} and {self.key} are not a certificate chain and its "
+                "matching unencrypted PEM key"
+            ) from None
+        return self
 
 
 class DevIssuer(StrictModel):

@@ -37,7 +37,7 @@ from broker.assertion import (
 from broker.devconfig import DevClient, DevIssuer, DevTls
 from broker.errors import BrokerError
 from broker.fields import SCOPE_TOKEN, HostPort
-from broker.secret import PemFile
+from broker.secret import PemFile, load_chain
 
 TOKEN_PATH = "/oauth2/token"  # noqa: S105 - a URL path, not a password
 JWKS_PATH = "/jwks.json"
@@ -458,7 +458,7 @@ def _tls_context(tls: DevTls) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(tls.cert, tls.key)
+        load_chain(context, tls.cert, tls.key)
     except OSError as exc:
         reason = getattr(exc, "reason", None) or exc.strerror or "unreadable"
         raise BrokerError(

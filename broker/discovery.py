@@ -23,7 +23,7 @@ import aiohttp
 
 from broker.errors import IssuerError
 from broker.fields import check_token_url
-from broker.transport import read_capped, why
+from broker.transport import cause_of, read_capped, why
 
 # A metadata document is a few kilobytes.
 MAX_DOCUMENT = 256 * 1024
@@ -79,6 +79,11 @@ def read_metadata(document: Mapping[str, Any], issuer: str, source: str) -> Meta
         check_token_url(endpoint)
     except ValueError as exc:
         raise _failed(f"{source}: token_endpoint: {exc}", permanent=True) from None
+    if issuer.startswith("https:") and not endpoint.startswith("https:"):
+        raise _failed(
+            f"{source}: an https issuer's token_endpoint must be https too",
+            permanent=True,
+        )
 
     return Metadata(
         issuer=issuer,
@@ -135,11 +140,16 @@ class Discovery:
         self._session = session
         self._cache_seconds = cache_seconds
         self._clock = clock
-        self._cache: dict[str, tuple[float, Metadata]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._cache: dict[tuple[str, str | None], tuple[float, Metadata]] = {}
+        self._locks: dict[tuple[str, str | None], asyncio.Lock] = {}
 
     async def metadata(
-        self, issuer: str, tls: ssl.SSLContext, proxy: str | None = None
+        self,
+        issuer: str,
+        tls: ssl.SSLContext,
+        proxy: str | None = None,
+        *,
+        trust: str | None = None,
     ) -> Metadata:
         """The issuer's metadata, from the cache while it is fresh.
 
@@ -147,9 +157,12 @@ class Discovery:
         at most twice the cache time old, so a metadata hiccup does not
         stop token requests. Raises ``IssuerError`` (discovery_failed).
         """
-        lock = self._locks.setdefault(issuer, asyncio.Lock())
+        # Cached per issuer and trust: an environment with its own CA bundle
+        # must verify the issuer itself, not reuse another's look-up.
+        key = (issuer, trust)
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            cached = self._cache.get(issuer)
+            cached = self._cache.get(key)
             age = math.inf if cached is None else self._clock() - cached[0]
             if cached is not None and age < self._cache_seconds:
                 return cached[1]
@@ -160,12 +173,12 @@ class Discovery:
                 if cached is not None and age < 2 * self._cache_seconds:
                     return cached[1]
                 raise
-            self._cache[issuer] = (self._clock(), found)
+            self._cache[key] = (self._clock(), found)
             return found
 
-    def forget(self, issuer: str) -> None:
+    def forget(self, issuer: str, *, trust: str | None = None) -> None:
         """Drop a cached document (the token endpoint stopped answering)."""
-        self._cache.pop(issuer, None)
+        self._cache.pop((issuer, trust), None)
 
     async def _fetch(
         self, issuer: str, tls: ssl.SSLContext, proxy: str | None
@@ -195,7 +208,10 @@ class Discovery:
                 body = await read_capped(response, MAX_DOCUMENT)
                 status = response.status
         except (aiohttp.ClientError, OSError) as exc:
-            raise _NotThere(why(exc)) from None
+            hint = ""
+            if isinstance(cause_of(exc), ssl.SSLCertVerificationError):
+                hint = " (if the issuer uses a private CA, set ca_file for it)"
+            raise _NotThere(why(exc) + hint) from None
 
         if status != 200:
             raise _NotThere(f"status {status}")
@@ -203,7 +219,7 @@ class Discovery:
             raise _NotThere("document too large")
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _NotThere("not JSON") from None
         if not isinstance(document, dict):
             raise _NotThere("not a JSON object")

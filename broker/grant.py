@@ -178,7 +178,7 @@ def _decode(body: bytes, content_type: str) -> dict[str, Any] | None:
     if text.startswith("{"):
         try:
             document = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting deeper than Python's stack
             return None
         return document if isinstance(document, dict) else None
 
@@ -220,7 +220,7 @@ def _read_grant(
         raise IssuerError(
             "malformed_response",
             f"token_type {shown!r}{_for_whom(client)} is not Bearer; "
-            "only bearer tokens are served",
+            "the broker serves Bearer-type tokens only",
             status=status,
             permanent=True,
         )

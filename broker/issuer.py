@@ -86,11 +86,12 @@ class IssuerClient:
                 try:
                     return await self._fetch(client, env, timeout, environment, name)
                 except IssuerError as exc:
+                    self._forget_endpoint(env, exc)
                     if exc.reason != "invalid_client":
                         raise
                     if credentials.fingerprint(client) in ("", before):
                         raise
-                log.info("token.credentials_rotated", client=client.client_id)
+                log.info("token.credentials_rotated", client=name or client.client_id)
                 return await self._fetch(client, env, timeout, environment, name)
         except TimeoutError as exc:
             raise IssuerError(
@@ -135,7 +136,7 @@ class IssuerClient:
             if isinstance(exc, TimeoutError):
                 raise
             raise IssuerError(
-                "connection", f"cannot reach {where}: {why(exc)}"
+                "connection", f"cannot reach {where}: {why(exc)}{_hint(exc, client)}"
             ) from None
 
         self._skew(headers, wall_sent, environment)
@@ -157,9 +158,25 @@ class IssuerClient:
             return env.token_url
 
         assert env.issuer is not None, "config validation guarantees one of them"
-        metadata = await self.discovery.metadata(env.issuer, tls, proxy_for(env.issuer))
-        check_method(metadata, client.auth, client.signing_alg)
+        metadata = await self.discovery.metadata(
+            env.issuer, tls, proxy_for(env.issuer), trust=env.ca_file
+        )
+        check_method(metadata, client.auth, credentials.signing_alg(client))
         return metadata.token_endpoint
+
+    def _forget_endpoint(self, env: Environment, error: IssuerError) -> None:
+        """Look the endpoint up again after it failed in a way moving would.
+
+        An issuer that moved its token endpoint answers the old one with a
+        404, a redirect, or not at all; its new metadata says where to go.
+        """
+        moved = error.reason in ("http_3xx", "connection") or error.status in (
+            404,
+            405,
+            410,
+        )
+        if env.issuer is not None and moved:
+            self.discovery.forget(env.issuer, trust=env.ca_file)
 
     def _tls_or_fail(self, env: Environment, client: Client) -> ssl.SSLContext:
         try:
@@ -186,14 +203,16 @@ def skew_observer(metrics: Metrics, warn_at: float = SKEW_WARNING) -> SkewObserv
     us serve a dead token; but its APIs judge ``exp`` on their own clock,
     and an operator should know. One log line per environment and change.
     """
-    warned: dict[str, int] = {}
+    warned: dict[str, float] = {}
 
     def observe(environment: str, skew: float) -> None:
         metrics.issuer_skew(environment, skew)
-        rounded = round(skew)
-        if abs(skew) >= warn_at and warned.get(environment) != rounded:
-            warned[environment] = rounded
-            log.warning("issuer.clock_skew", environment=environment, skew=rounded)
+        last = warned.get(environment)
+        # The Date header ticks in whole seconds: only a move of several
+        # seconds is a change worth another line.
+        if abs(skew) >= warn_at and (last is None or abs(skew - last) >= 5):
+            warned[environment] = skew
+            log.warning("issuer.clock_skew", environment=environment, skew=round(skew))
 
     return observe
 
@@ -206,6 +225,15 @@ def _sent_forms(secret: Secret | None, authorization: str) -> list[str]:
     for value in sent:
         redact.remember_secret(value)
     return sent
+
+
+def _hint(exc: BaseException, client: Client) -> str:
+    # A server that demands a client certificate and gets none usually just
+    # closes the connection after the handshake.
+    disconnected = isinstance(exc, aiohttp.ServerDisconnectedError)
+    if disconnected and client.client_cert is None:
+        return " (an issuer that wants a client certificate does this: client_cert)"
+    return ""
 
 
 def _timeout_message(exc: BaseException, where: str, timeout: float) -> str:

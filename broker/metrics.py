@@ -7,11 +7,13 @@ from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from broker import __version__
 
 HOOK_RESULTS = ("success", "failure", "timeout", "skipped")
+RELOAD_RESULTS = ("applied", "unchanged", "refused", "failed")
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -77,6 +79,15 @@ class Metrics:
             ["client", "result"],
             registry=self.registry,
         )
+        self.config_reloads = Counter(
+            "token_broker_config_reloads",
+            "Config reloads (SIGHUP or a changed file), by result: applied, "
+            "unchanged, refused (needs a restart), failed (invalid file).",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result)
         self.build = Info(
             "token_broker_build", "Version of token-broker.", registry=self.registry
         )
@@ -156,6 +167,16 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 self.on_refresh.remove(client, result)
 
+    def remove_client(self, client: str) -> None:
+        """Drop every series labelled with ``client`` (a client reloaded away)."""
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase) and _has_series(metric, client):
+                metric.remove_by_labels({"client": client})
+
+    def config_reloaded(self, result: str) -> None:
+        """Count one reload; ``result`` is one of :data:`RELOAD_RESULTS`."""
+        self.config_reloads.labels(result).inc()
+
     def issuer_skew(self, environment: str, seconds: float) -> None:
         """Record the clock skew last measured against an environment's issuer."""
         self.clock_skew.labels(environment).set(seconds)
@@ -171,6 +192,16 @@ class Metrics:
         token; ``scoped_tokens`` counts the cached scope-subset tokens.
         """
         self.registry.register(_Live(validity, scoped_tokens))
+
+
+def _has_series(metric: MetricWrapperBase, client: str) -> bool:
+    """Whether ``metric`` holds a series labelled ``client=...`` (metrics
+    without a client label have none, and cannot remove by it)."""
+    return any(
+        sample.labels.get("client") == client
+        for family in metric.collect()
+        for sample in family.samples
+    )
 
 
 class _Live(Collector):

@@ -277,6 +277,8 @@ class Refresher:
                 break
 
         log.info("token.credentials_changed", client=self.name)
+        # One prompt retry per change; what follows is judged on its own.
+        self._refused_with = None
         self.next_attempt = self._clock.now()
 
     async def _attempt(self) -> Token:

@@ -13,6 +13,7 @@ from broker.issuer import IssuerClient
 from broker.metrics import Metrics
 from broker.refresh import Fetch, Refresher
 from broker.reload import ReloadResult, diff, restart_keys
+from broker.sinks import SinkWriter
 
 FetchFactory = Callable[[str], Fetch]
 # Makes the fetch factory of a config that a reload brings.
@@ -24,6 +25,8 @@ class Registry:
 
     ``bind`` makes the fetch factory for a reloaded config (see
     :func:`issuer_fetch`); without it, reloads keep using ``fetch_for``.
+    ``sinks`` writes each client's token files after every new token (a
+    writer of its own when not given).
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class Registry:
         clock: Clock,
         metrics: Metrics,
         bind: Binder | None = None,
+        sinks: SinkWriter | None = None,
     ) -> None:
         self.config = config
         self.give_up = asyncio.Event()
@@ -41,6 +45,7 @@ class Registry:
         self._bind = bind
         self._clock = clock
         self._metrics = metrics
+        self.sinks = sinks if sinks is not None else SinkWriter(metrics)
         self.refreshers = {
             name: self._build(name, config, fetch_for) for name in config.clients
         }
@@ -65,6 +70,7 @@ class Registry:
                 if credentials.rotatable(spec)
                 else None
             ),
+            on_token=self.sinks.hook(name, spec),
         )
 
     def __iter__(self) -> Iterator[Refresher]:
@@ -84,12 +90,13 @@ class Registry:
         self._tasks[name] = asyncio.create_task(refresher.run(), name=f"client-{name}")
 
     async def stop(self) -> None:
-        """Cancel every loop and any request in flight, and wait for them."""
+        """Cancel every loop, request in flight and on_refresh command; wait."""
         self._started = False
         for refresher in self:
             refresher.cancel()
         tasks, self._tasks = list(self._tasks.values()), {}
         await _cancel(tasks)
+        await self.sinks.close()
 
     async def apply(self, config: Config) -> ReloadResult:
         """Move to ``config`` by difference, keeping every token it can.
@@ -132,6 +139,7 @@ class Registry:
         await _cancel(stopping)
         for name in plan.removed:
             self._metrics.remove_client(name)
+            self.sinks.forget(name)
 
         return ReloadResult("applied", plan)
 

@@ -85,6 +85,11 @@ def retry_delay(headers: Mapping[str, str], wall_now: float) -> float | None:
     return None
 
 
+# Longer waits than this are nonsense from a header; the backoff caps what
+# it honours far lower anyway (backoff.permanent).
+MAX_WAIT = 366 * 86400.0
+
+
 def parse_retry_after(value: str | None, wall_now: float) -> float | None:
     """Read ``Retry-After`` as seconds (RFC 9110 10.2.3: delay or HTTP date)."""
     if not value:
@@ -92,12 +97,12 @@ def parse_retry_after(value: str | None, wall_now: float) -> float | None:
     value = value.strip()
     if value.isascii() and value.isdigit():
         seconds = float(value)
-        return seconds if math.isfinite(seconds) else None
+        return min(seconds, MAX_WAIT) if math.isfinite(seconds) else None
     moment = http_date(value)
     if moment is None:
         return None
 
-    return max(0.0, moment - wall_now)
+    return min(max(0.0, moment - wall_now), MAX_WAIT)
 
 
 def parse_reset(value: str | None, wall_now: float) -> float | None:
@@ -112,8 +117,8 @@ def parse_reset(value: str | None, wall_now: float) -> float | None:
     number = float(value.strip())
 
     if number >= _EPOCH_FLOOR:
-        return max(0.0, number - wall_now)
-    return number
+        number -= wall_now
+    return min(max(0.0, number), MAX_WAIT)
 
 
 def http_date(value: str | None) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import ssl
 import stat
 import unicodedata
 from collections.abc import Mapping
@@ -204,3 +205,17 @@ def source_from_spec(
         "expected {env: NAME}, {file: PATH} or a quoted string "
         '(write a numeric secret in quotes, such as "12345")'
     )
+
+
+def load_chain(context: ssl.SSLContext, cert: str, key: str) -> None:
+    """Load a certificate chain and its key, never prompting for a password.
+
+    OpenSSL asks on the terminal for the passphrase of an encrypted key,
+    which would block the event loop (and swallow signals). An empty
+    password makes an encrypted key fail at once instead.
+    """
+    context.load_cert_chain(cert, key, password=_no_password)
+
+
+def _no_password() -> bytes:
+    return b""

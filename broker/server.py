@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 from aiohttp import web
@@ -17,6 +18,7 @@ from broker.config import Config
 from broker.issuer import IssuerClient, skew_observer
 from broker.metrics import Metrics
 from broker.registry import Registry, issuer_fetch
+from broker.reload import Reloader, Source
 from broker.scoped import ScopedTokens, builder
 from broker.transport import client_session
 
@@ -36,8 +38,14 @@ class Listeners:
     socket_identity: unixsock.Identity | None = None
 
 
-async def serve(config: Config, stop: asyncio.Event) -> None:
-    """Run the broker until ``stop`` is set; raises BrokerError on start-up."""
+async def serve(
+    config: Config, stop: asyncio.Event, source: Source | None = None
+) -> None:
+    """Run the broker until ``stop`` is set; raises BrokerError on start-up.
+
+    With ``source`` (where ``config`` was read from), SIGHUP and a change
+    of that file reload the config by difference (see :mod:`broker.reload`).
+    """
     clock = SystemClock()
     metrics = Metrics()
 
@@ -55,9 +63,14 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             observe_status=metrics.upstream_response,
         )
         registry = Registry(
-            config, issuer_fetch(issuer, config), clock=clock, metrics=metrics
+            config,
+            issuer_fetch(issuer, config),
+            clock=clock,
+            metrics=metrics,
+            bind=partial(issuer_fetch, issuer),
         )
         scoped = ScopedTokens(builder(registry, issuer, clock, metrics), clock)
+        reloader = _reloader(source, registry, metrics, clock, scoped)
         metrics.track(
             lambda: [(r.name, r.servable() is not None) for r in registry],
             lambda: len(scoped),
@@ -80,6 +93,10 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             )
         for task in background:
             stack.callback(task.cancel)
+        if reloader is not None:
+            # Ended first, so no reload runs while the clients stop.
+            watch = asyncio.create_task(reloader.run(), name="reload")
+            stack.push_async_callback(_cancelled, watch)
 
         log.info(
             "broker.started",
@@ -100,6 +117,29 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         )
 
     log.info("broker.stopped")
+
+
+def _reloader(
+    source: Source | None,
+    registry: Registry,
+    metrics: Metrics,
+    clock: SystemClock,
+    scoped: ScopedTokens,
+) -> Reloader | None:
+    """Reload on SIGHUP and on a change of the file, when the file is known."""
+    if source is None:
+        return None
+
+    reloader = Reloader(registry, metrics, source, clock=clock, forget=scoped.drop)
+    # Handled from here on: SIGHUP's default action would end the process.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.request)
+
+    return reloader
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _exit_when_file_exists(path: str, stop: asyncio.Event) -> None:

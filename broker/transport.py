@@ -8,7 +8,7 @@ with a size cap.
 from __future__ import annotations
 
 import contextlib
-import os
+import hashlib
 import ssl
 import urllib.request
 from collections.abc import AsyncIterator
@@ -18,6 +18,10 @@ import aiohttp
 
 from broker.config import ClientCert
 from broker.fields import is_loopback_host
+from broker.secret import load_chain
+
+# A CA bundle or certificate chain of any sensible size.
+MAX_PEM_BYTES = 1024 * 1024
 
 
 @contextlib.asynccontextmanager
@@ -60,14 +64,16 @@ class TlsContexts:
 
     Verification is always on; a ``ca_file`` is trusted on top of the
     system store. A client certificate (mutual TLS, RFC 8705) is loaded from
-    its files, and the context is rebuilt when either file changes, so a
-    rotated certificate is used without a restart.
+    its files. The files are read for every request and the context rebuilt
+    when their content changes, so a rotated CA bundle or certificate is
+    used without a restart (content, not timestamps: a Kubernetes volume
+    swap can keep the old modification times).
     """
 
     def __init__(self) -> None:
         self._contexts: dict[
             tuple[str | None, str | None, str | None],
-            tuple[tuple[int, ...], ssl.SSLContext],
+            tuple[bytes, ssl.SSLContext],
         ] = {}
 
     def get(
@@ -79,12 +85,7 @@ class TlsContexts:
         """
         cert = client_cert.cert.path if client_cert else None
         key = client_cert.key.path if client_cert else None
-        try:
-            version = tuple(os.stat(path).st_mtime_ns for path in (cert, key) if path)
-        except OSError as exc:
-            raise TlsFileError(
-                f"cannot read the client certificate {cert}: {why(exc)}"
-            ) from None
+        version = _digest(ca_file, cert, key)
 
         cached = self._contexts.get((ca_file, cert, key))
         if cached is not None and cached[0] == version:
@@ -100,15 +101,29 @@ class TlsContexts:
                 ) from None
         if cert and key:
             try:
-                context.load_cert_chain(cert, key)
+                load_chain(context, cert, key)
             except (ssl.SSLError, OSError) as exc:
                 raise TlsFileError(
-                    f"cannot load the client certificate {cert} with key {key}: "
-                    f"{why(exc)}"
+                    f"cannot load the client certificate {cert} with key {key} "
+                    f"(an unencrypted PEM key matching the certificate): {why(exc)}"
                 ) from None
         self._contexts[(ca_file, cert, key)] = (version, context)
 
         return context
+
+
+def _digest(*paths: str | None) -> bytes:
+    digest = hashlib.sha256()
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as handle:
+                digest.update(handle.read(MAX_PEM_BYTES))
+        except OSError as exc:
+            raise TlsFileError(f"cannot read {path}: {why(exc)}") from None
+        digest.update(b"\0")
+    return digest.digest()
 
 
 async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:

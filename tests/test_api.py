@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -338,3 +339,34 @@ async def test_absolute_form_request_is_refused_on_the_wire(
     assert answer.startswith(b"HTTP/1.1 403")
     assert b'"reason": "forwarded"' in answer
     assert b"auto-1" not in answer
+
+
+async def test_readiness_waits_for_token_files(
+    tmp_path: Path, aiohttp_client: AiohttpClient
+) -> None:
+    """A required client whose token file cannot be written is not ready."""
+    (tmp_path / "token").mkdir()
+    text = CONFIG.replace(
+        "scopes: [a]}",
+        f"scopes: [a], sinks: [{{path: {tmp_path / 'token'}}}]}}",
+    )
+    clock = FakeClock()
+    registry = Registry(
+        load_text(text, "t.yaml", {}).config,
+        lambda name: ScriptedFetch(),
+        clock=clock,
+        metrics=Metrics(),
+    )
+    client = await aiohttp_client(
+        api.create_app(registry, Metrics(), clock, listener="unix")
+    )
+    registry.start()
+    try:
+        await registry.refreshers["chat"].get()  # the sink write is part of it
+        answer = await client.get("/readyz")
+        body = await answer.json()
+    finally:
+        await registry.stop()
+
+    assert answer.status == 503
+    assert body == {"status": "not_ready", "waiting_for": [], "sinks_failing": ["chat"]}

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from pydantic import ValidationError
 from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
@@ -34,7 +35,6 @@ from broker.devissuer import (
     create_app,
     start,
 )
-from broker.errors import BrokerError
 from broker.secret import PemFile
 from tests.pki import make_pki
 
@@ -724,15 +724,13 @@ async def test_public_key_file_is_read_per_request(
 def test_unusable_public_key_fails_at_start(
     tmp_path: Path, text: bytes, says: str
 ) -> None:
-    """A client public key that cannot verify anything stops the issuer at start."""
+    """A client public key that cannot verify anything is a config error."""
     path = tmp_path / "client.pem"
     path.write_bytes(text)
-    settings = DevIssuer(clients={"weak": DevClient(public_key=str(path))})
 
-    with pytest.raises(BrokerError, match=says) as info:
-        create_app(settings, issuer_url=ISSUER)
+    with pytest.raises(ValidationError, match=says) as info:
+        DevClient(public_key=str(path))
 
-    assert "dev_issuer.clients.weak" in str(info.value)
     assert str(path) in str(info.value)
 
 
@@ -770,11 +768,10 @@ async def test_tls_issuer_serves_https(settings: DevIssuer, tmp_path: Path) -> N
 async def test_tls_key_that_does_not_match_fails_at_start(
     settings: DevIssuer, keys: Keys, tmp_path: Path
 ) -> None:
-    """A certificate with someone else's key is a start-up error naming both files."""
+    """A certificate with someone else's key is a config error naming both files."""
     pki = make_pki(tmp_path)
-    tls = DevTls(cert=str(pki.cert_file), key=str(keys.ec_private))
 
-    with pytest.raises(BrokerError, match="not a usable certificate chain") as info:
-        await start(settings.model_copy(update={"tls": tls}), port=0)
+    with pytest.raises(ValidationError, match="not a certificate chain") as info:
+        DevTls(cert=str(pki.cert_file), key=str(keys.ec_private))
 
     assert str(keys.ec_private) in str(info.value)
