@@ -42,6 +42,18 @@ _KIND_OF_TAG = {
 # YAML 1.1 reads 0660 as octal but 660 as decimal; a mode must be written so
 # that the reader of the file and the broker agree on its value.
 _OCTAL_KEYS = {("listen", "unix_mode")}
+
+
+def _is_mode(path: KeyPath) -> bool:
+    """``listen.unix_mode`` and every ``clients.*.sinks[*].mode``."""
+    key = tuple(path)
+    if key in _OCTAL_KEYS:
+        return True
+    return (
+        len(key) == 5 and key[0] == "clients" and key[2] == "sinks" and key[4] == "mode"
+    )
+
+
 _OCTAL_INT = re.compile(r"0[0-7]+")
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
 
@@ -257,7 +269,7 @@ class _NodeCheck:
 
     def scalar(self, node: yaml.ScalarNode, path: KeyPath) -> None:
         """Build the value now, so a bad one is reported at its key."""
-        octal = tuple(path) in _OCTAL_KEYS and node.tag == f"{_YAML}int"
+        octal = _is_mode(path) and node.tag == f"{_YAML}int"
         if octal and not _OCTAL_INT.fullmatch(node.value):
             raise self.error(
                 path, node, 'a mode is octal; write it in quotes, such as "0660"'

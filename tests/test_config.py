@@ -1561,3 +1561,17 @@ def test_relative_socket_path_starts_at_the_config_directory(tmp_path: Path) -> 
     result = load(tmp_path / "broker.yaml", ENVIRON)
 
     assert result.config.listen.unix == str(tmp_path / "b.sock")
+
+
+def test_an_unquoted_decimal_sink_mode_is_refused(tmp_path: Path) -> None:
+    """``mode: 400`` would be read as decimal (0620); it must be quoted."""
+    text = MINIMAL.replace(
+        "    client_id: m2m-chat\n",
+        f"    client_id: m2m-chat\n    sinks: [{{path: {tmp_path}/t, mode: 400}}]\n",
+    )
+
+    error = refused(text, "write it in quotes")
+
+    assert error.key_path == "clients.chat.sinks[0].mode"
+    quoted = config(text.replace("mode: 400", 'mode: "0400"'))
+    assert quoted.clients["chat"].sinks[0].mode == 0o400
