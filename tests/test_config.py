@@ -1575,3 +1575,16 @@ def test_an_unquoted_decimal_sink_mode_is_refused(tmp_path: Path) -> None:
     assert error.key_path == "clients.chat.sinks[0].mode"
     quoted = config(text.replace("mode: 400", 'mode: "0400"'))
     assert quoted.clients["chat"].sinks[0].mode == 0o400
+
+
+def test_an_issuer_identifier_has_no_query() -> None:
+    """RFC 8414: an issuer with ?query is refused (it may carry a key)."""
+    error = refused(
+        with_section(
+            "environments", {"prod": {"issuer": "https://a.example.com/?api_key=x"}}
+        ),
+        "no \\?query",
+    )
+
+    assert error.key_path == "environments.prod.issuer"
+    assert "api_key" not in str(error)

@@ -6,10 +6,13 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pytest_aiohttp import AiohttpServer
 
 from broker import devissuer
@@ -268,3 +271,117 @@ async def test_tokens_through_discovery_of_the_dev_issuer() -> None:
         await server.close()
 
     assert grant.access_token.reveal().count(".") == 2
+
+
+def test_an_https_issuer_may_not_point_to_plain_http() -> None:
+    """No downgrade: an https issuer's token endpoint must be https."""
+    with pytest.raises(IssuerError, match="must be https too"):
+        read_metadata(
+            document(token_endpoint="http://127.0.0.1:9/token"),
+            "https://auth.example.com",
+            "the document",
+        )
+
+
+async def test_each_trust_setting_looks_the_issuer_up_itself(
+    discovery: Discovery, metadata_server: MetadataServer
+) -> None:
+    """Environments with different CA bundles do not share a look-up."""
+    url = metadata_server.url
+    metadata_server.documents["/.well-known/oauth-authorization-server"] = (
+        local_document(url)
+    )
+
+    await discovery.metadata(url, TLS, trust="/etc/a.pem")
+    await discovery.metadata(url, TLS, trust=None)
+    await discovery.metadata(url, TLS, trust="/etc/a.pem")
+
+    assert len(metadata_server.hits) == 2
+
+
+async def test_deeply_nested_metadata_is_not_a_crash(
+    discovery: Discovery, metadata_server: MetadataServer, aiohttp_server: AiohttpServer
+) -> None:
+    """A document nested past Python's stack is "not JSON", not a bug."""
+
+    async def nested(request: web.Request) -> web.Response:
+        return web.Response(text='{"a":' + "[" * 200_000)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", nested)
+    server = await aiohttp_server(app)
+
+    with pytest.raises(IssuerError, match="not JSON") as caught:
+        await discovery.metadata(f"http://127.0.0.1:{server.port}", TLS)
+
+    assert caught.value.reason == "discovery_failed"
+
+
+async def test_a_moved_token_endpoint_is_discovered_again(
+    metadata_server: MetadataServer, aiohttp_server: AiohttpServer
+) -> None:
+    """A 404 from the discovered endpoint drops the cached metadata."""
+    calls: list[str] = []
+
+    async def token(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        if request.path == "/old":
+            return web.json_response({"error": "gone"}, status=404)
+        return web.json_response({"access_token": "moved", "expires_in": 60})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", token)
+    endpoint = await aiohttp_server(app)
+    url = metadata_server.url
+    path = "/.well-known/oauth-authorization-server"
+    metadata_server.documents[path] = document(
+        issuer=url, token_endpoint=f"http://127.0.0.1:{endpoint.port}/old"
+    )
+    env = Environment.model_validate({"issuer": url})
+    client = Client.model_validate(
+        {"environment": "d", "client_id": "c", "client_secret": "s3cret-value"}
+    )
+
+    async with client_session() as session:
+        issuer = IssuerClient(session)
+        with pytest.raises(IssuerError):
+            await issuer.fetch(client, env, timeout=5.0)
+        metadata_server.documents[path] = document(
+            issuer=url, token_endpoint=f"http://127.0.0.1:{endpoint.port}/new"
+        )
+        grant = await issuer.fetch(client, env, timeout=5.0)
+
+    assert grant.access_token.reveal() == "moved"
+    assert calls == ["/old", "/new"]
+    assert len(metadata_server.hits) == 2
+
+
+async def test_the_keys_own_algorithm_is_checked_against_the_issuer(
+    metadata_server: MetadataServer, tmp_path: Path
+) -> None:
+    """With signing_alg unset, an EC key makes ES256, which the issuer must list."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "k.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    url = metadata_server.url
+    metadata_server.documents["/.well-known/oauth-authorization-server"] = (
+        local_document(url)
+    )
+    env = Environment.model_validate({"issuer": url})
+    client = Client.model_validate(
+        {
+            "environment": "d",
+            "client_id": "c",
+            "auth": "private_key_jwt",
+            "private_key": {"file": str(tmp_path / "k.pem")},
+        }
+    )
+
+    async with client_session() as session:
+        with pytest.raises(IssuerError, match="does not accept ES256"):
+            await IssuerClient(session).fetch(client, env, timeout=5.0)

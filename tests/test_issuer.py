@@ -16,10 +16,18 @@ from typing import Any, Protocol
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
+from structlog.testing import capture_logs
 
 from broker.config import Client, Environment
 from broker.errors import IssuerError
-from broker.issuer import MAX_BODY, IssuerClient, client_session, proxy_for
+from broker.issuer import (
+    MAX_BODY,
+    IssuerClient,
+    client_session,
+    proxy_for,
+    skew_observer,
+)
+from broker.metrics import Metrics
 from tests.pki import Pki, make_pki
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -473,3 +481,22 @@ async def test_broken_ca_file_is_a_tls_error(
 
     assert error.reason == "tls"
     assert f"cannot load the CA bundle {bundle}" in error.message
+
+
+def test_a_steady_skew_is_logged_once() -> None:
+    """A skew that wobbles by the Date header's second is not news again."""
+    metrics = Metrics()
+    observe = skew_observer(metrics, warn_at=30.0)
+
+    with capture_logs() as logs:
+        for skew in (45.2, 44.6, 45.4, 44.9, 51.0, 10.0, -40.0):
+            observe("prod", skew)
+
+    warned = [entry["skew"] for entry in logs if entry["event"] == "issuer.clock_skew"]
+    assert warned == [45, 51, -40]
+    assert (
+        metrics.registry.get_sample_value(
+            "token_broker_issuer_clock_skew_seconds", {"environment": "prod"}
+        )
+        == -40.0
+    )

@@ -10,7 +10,7 @@ import pytest
 from broker.config import RefreshPolicy
 from broker.errors import IssuerError, TokenUnavailable
 from broker.metrics import Metrics
-from broker.refresh import Refresher
+from broker.refresh import CREDENTIAL_CHECK_EVERY, Refresher
 from tests.fakes import FakeClock, ScriptedFetch, grant, settle
 
 NO_JITTER = {"jitter": 0.0}
@@ -399,3 +399,41 @@ async def test_waiting_callers_are_released_at_shutdown(
     assert caught.value.reason == "stopping"
     refresher.cancel()
     await settle()
+
+
+async def test_a_credential_change_buys_one_prompt_retry_only(
+    clock: FakeClock, metrics: Metrics
+) -> None:
+    """After a rotation is noticed and tried, later failures back off as
+    usual, even though the files still differ from the refused ones."""
+    files = {"digest": "old"}
+    fetch = ScriptedFetch(
+        [
+            failure("invalid_client", permanent=True),
+            failure("rate_limited", retry_after=600.0),
+        ]
+    )
+    refresher = Refresher(
+        "chat",
+        "prod",
+        (),
+        policy(),
+        fetch,
+        clock=clock,
+        metrics=metrics,
+        fingerprint=lambda: files["digest"],
+    )
+    task = asyncio.create_task(refresher.run())
+    await settle()
+    assert fetch.calls == 1
+
+    files["digest"] = "new"
+    await clock.advance(CREDENTIAL_CHECK_EVERY)
+    assert fetch.calls == 2
+    for _ in range(10):
+        await clock.advance(CREDENTIAL_CHECK_EVERY)
+
+    assert fetch.calls == 2
+    assert refresher.next_attempt - clock.now() > 500
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

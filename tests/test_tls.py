@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from pydantic import ValidationError
 from pytest_aiohttp import AiohttpServer
 
 from broker import devissuer
-from broker.config import Client, DevIssuer, Environment
+from broker.config import Client, ClientCert, DevIssuer, Environment
 from broker.errors import IssuerError
 from broker.issuer import IssuerClient
 from broker.transport import TlsContexts, client_session
@@ -195,3 +197,34 @@ def test_a_broken_client_certificate_names_the_file(pki: Pki, tmp_path: Path) ->
 
     with pytest.raises(Exception, match=r"cannot load the client certificate"):
         TlsContexts().get(None, client.client_cert)
+
+
+def test_a_rotated_ca_bundle_gets_a_new_context(pki: Pki, tmp_path: Path) -> None:
+    """A CA bundle replaced on disk (same path) is trusted at the next request."""
+    bundle = tmp_path / "ca.pem"
+    shutil.copy(pki.ca_file, bundle)
+    contexts = TlsContexts()
+    first = contexts.get(str(bundle))
+    (tmp_path / "other").mkdir()
+    shutil.copy(make_pki(tmp_path / "other").ca_file, bundle)
+
+    assert contexts.get(str(bundle)) is not first
+
+
+def test_an_encrypted_client_key_is_a_config_error(pki: Pki, tmp_path: Path) -> None:
+    """An encrypted key fails at load, and never prompts for a passphrase."""
+    key = serialization.load_pem_private_key(
+        pki.client_key_file.read_bytes(), password=None
+    )
+    (tmp_path / "enc.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+
+    with pytest.raises(ValidationError, match="matching unencrypted PEM key"):
+        ClientCert.model_validate(
+            {"cert": str(pki.client_cert_file), "key": str(tmp_path / "enc.key")}
+        )
