@@ -8,6 +8,7 @@ secret and CA files are readable.
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import ssl
@@ -45,6 +46,7 @@ from broker.secret import (
     pem_from_spec,
     source_from_spec,
 )
+from broker.unixsock import SocketError, check_directory
 
 __all__ = [
     "SUN_PATH_MAX",
@@ -83,6 +85,7 @@ class Listen(StrictModel):
     http: HostPort | None = HostPort(host="127.0.0.1", port=8181)
     unix: str | None = "/tmp/token-broker.sock"  # noqa: S108 - a documented default
     unix_mode: FileMode = 0o660
+    unix_group: int | None = None
     metrics: HostPort | None = HostPort(host="127.0.0.1", port=9464)
     drain_timeout: Duration = 5.0
 
@@ -90,6 +93,21 @@ class Listen(StrictModel):
     @classmethod
     def _http_on_loopback(cls, value: HostPort | None) -> HostPort | None:
         return require_loopback(value, "the token API")
+
+    @field_validator("unix_group", mode="before")
+    @classmethod
+    def _group(cls, value: object) -> int | None:
+        """A group name or number, resolved to a gid now."""
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        if isinstance(value, str) and value:
+            try:
+                return grp.getgrnam(value).gr_gid
+            except KeyError:
+                raise ValueError(f"there is no group named {value!r}") from None
+        raise ValueError("expected a group name or number")
 
     @model_validator(mode="after")
     def _serves_somewhere(self) -> Listen:
@@ -107,9 +125,10 @@ class Listen(StrictModel):
         if "\0" in value:
             raise ValueError("the socket path contains a NUL character")
         value = resolve_path(value, info)
-        directory = os.path.dirname(value)
-        if not os.path.isdir(directory):
-            raise ValueError(f"the socket's directory {directory} does not exist")
+        try:
+            check_directory(os.path.dirname(value))
+        except SocketError as exc:
+            raise ValueError(str(exc)) from None
         size = len(os.fsencode(value))
         if size > SUN_PATH_MAX:
             raise ValueError(

@@ -98,6 +98,10 @@ async def serve(
             watch = asyncio.create_task(reloader.run(), name="reload")
             stack.push_async_callback(_cancelled, watch)
 
+        if os.geteuid() == 0:
+            # Nothing here needs root; a bug or a bad sink path would then
+            # act with every privilege on the machine.
+            log.warning("broker.running_as_root", hint="run as an unprivileged user")
         log.info(
             "broker.started",
             version=__version__,
@@ -184,7 +188,7 @@ async def _listen(
         await site.start()
         listeners.http = _bound(runner)
     if listen.unix is not None:
-        sock, identity = unixsock.bind(listen.unix, listen.unix_mode)
+        sock, identity = unixsock.bind(listen.unix, listen.unix_mode, listen.unix_group)
         listeners.socket_identity = identity
         listeners.unix = listen.unix
         app = api.create_app(

@@ -20,17 +20,19 @@ class SocketError(BrokerError):
 Identity = tuple[int, int, int]
 
 
-def bind(path: str, mode: int) -> tuple[socket.socket, Identity]:
+def bind(
+    path: str, mode: int, group: int | None = None
+) -> tuple[socket.socket, Identity]:
     """Listen at ``path`` with ``mode``; return the socket and its identity.
 
     The umask is narrowed around ``bind`` so the socket never exists with a
     wider mode than owner-only, then widened to ``mode`` (group access at
-    most). A stale socket of a dead broker is replaced; a live one, or any
-    other kind of file, is left alone and reported.
+    most) and given to ``group`` if set. A stale socket of a dead broker is
+    replaced; a live one, or any other kind of file, is left alone and
+    reported. The directory must not let other users swap the socket.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise SocketError(f"the socket's directory {directory} does not exist")
+    check_directory(directory)
     _clear_stale(path)
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -43,11 +45,42 @@ def bind(path: str, mode: int) -> tuple[socket.socket, Identity]:
     finally:
         os.umask(previous)
 
-    os.chmod(path, mode)
+    try:
+        if group is not None:
+            os.chown(path, -1, group, follow_symlinks=False)
+        os.chmod(path, mode)
+    except OSError as exc:
+        sock.close()
+        os.unlink(path)
+        raise SocketError(
+            f"cannot set the owner or mode of {path}: {exc.strerror}"
+        ) from None
     sock.listen(BACKLOG)
     sock.setblocking(False)
 
     return sock, _identity(path)
+
+
+def check_directory(directory: str) -> None:
+    """Refuse a directory where another user could replace the socket.
+
+    In a world-writable directory without the sticky bit (``/tmp`` has it),
+    anyone may delete our socket and put their own, or a symlink, in its
+    place; callers would then hand their requests to an impostor.
+    """
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        raise SocketError(
+            f"the socket's directory {directory} does not exist"
+        ) from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise SocketError(f"{directory} is not a directory")
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise SocketError(
+            f"{directory} is writable by every user and has no sticky bit, so "
+            "another user could replace the socket; use a private directory"
+        )
 
 
 def remove(path: str, identity: Identity) -> None:

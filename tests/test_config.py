@@ -494,7 +494,12 @@ def test_interpolated_text_is_validated_as_the_key_type() -> None:
     ("section", "value", "key_path", "allowed"),
     [
         ("bogus", 1, "bogus", "listen, refresh, environments, clients, log"),
-        ("listen", {"bogus": 1}, "listen.bogus", "http, unix, unix_mode, metrics"),
+        (
+            "listen",
+            {"bogus": 1},
+            "listen.bogus",
+            "http, unix, unix_mode, unix_group, metrics",
+        ),
         ("refresh", {"bogus": 1}, "refresh.bogus", "at, before, jitter, margin"),
         (
             "refresh",
@@ -1588,3 +1593,27 @@ def test_an_issuer_identifier_has_no_query() -> None:
 
     assert error.key_path == "environments.prod.issuer"
     assert "api_key" not in str(error)
+
+
+def test_the_socket_group_is_resolved_by_name() -> None:
+    """unix_group takes a group name (resolved now) or a number."""
+    by_name = config(with_section("listen", {"unix_group": "root"}))
+    by_number = config(with_section("listen", {"unix_group": 1}))
+
+    assert by_name.listen.unix_group == 0
+    assert by_number.listen.unix_group == 1
+    error = refused(with_section("listen", {"unix_group": "no-such-group"}), "no group")
+    assert error.key_path == "listen.unix_group"
+
+
+def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    """A world-writable directory without the sticky bit fails the config."""
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+
+    error = refused(
+        with_section("listen", {"unix": str(open_dir / "b.sock")}), "no sticky bit"
+    )
+
+    assert error.key_path == "listen.unix"

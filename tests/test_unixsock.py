@@ -124,3 +124,29 @@ def test_remove_only_removes_our_own_socket(sockdir: Path) -> None:
     unixsock.remove(path, identity)
 
     assert not os.path.exists(path)
+
+
+def test_a_world_writable_directory_without_sticky_bit_is_refused(
+    sockdir: Path,
+) -> None:
+    """Anyone could replace the socket there: refused with the reason."""
+    os.chmod(sockdir, 0o777)  # noqa: S103 - the case under test
+
+    with pytest.raises(unixsock.SocketError, match="no sticky bit"):
+        unixsock.bind(str(sockdir / "b.sock"), 0o600)
+
+    os.chmod(sockdir, 0o1777)  # noqa: S103 - like /tmp
+    sock, _ = unixsock.bind(str(sockdir / "b.sock"), 0o600)
+    sock.close()
+
+
+def test_the_socket_can_be_given_to_a_group(sockdir: Path) -> None:
+    """unix_group hands the socket to a group, keeping the mode."""
+    group = 1 if os.geteuid() == 0 else (os.getgroups() or [os.getgid()])[-1]
+
+    sock, _ = unixsock.bind(str(sockdir / "b.sock"), 0o660, group)
+    sock.close()
+
+    info = os.lstat(sockdir / "b.sock")
+    assert info.st_gid == group
+    assert stat.S_IMODE(info.st_mode) == 0o660
