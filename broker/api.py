@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Any
 
 import structlog
@@ -118,6 +120,7 @@ def create_app(
     app.router.add_get("/v1/clients", clients)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi)
 
     return app
 
@@ -357,6 +360,16 @@ async def readyz(request: web.Request) -> web.Response:
             status=503,
         )
     return web.json_response({"status": "ready"})
+
+
+@functools.cache
+def _openapi_document() -> bytes:
+    return resources.files("broker").joinpath("openapi.json").read_bytes()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI 3.1 document of every listener."""
+    return web.Response(body=_openapi_document(), content_type="application/json")
 
 
 def _iso(timestamp: float | None) -> str | None:

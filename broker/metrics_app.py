@@ -1,4 +1,4 @@
-"""The metrics listener: ``/metrics``, ``/healthz`` and ``/readyz`` only.
+"""The metrics listener: ``/metrics``, ``/healthz``, ``/readyz``, ``/openapi.json``.
 
 It may listen beyond loopback (Prometheus scrapes a pod's IP), so it serves
 nothing that reveals a token.
@@ -30,5 +30,6 @@ def create_app(registry: Registry, metrics: Metrics) -> web.Application:
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/openapi.json", api.openapi)
 
     return app
