@@ -191,7 +191,7 @@ async def _take(
         return scopes
     min_ttl = float(request.query.get("min_ttl", 0))
     held = refresher.token
-    if scopes is None and held is not None and min_ttl > held.lifetime - held.margin:
+    if held is not None and min_ttl > held.lifetime - held.margin:
         return error(
             400,
             "invalid_request",

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -129,6 +130,10 @@ def _configure_logs(args: argparse.Namespace, loaded: Loaded | None) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # SIGHUP's default action ends the process. Until the reload handler is
+    # installed, a reload request has nothing to do: the file is read now.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
     loaded = _load(args)
     if loaded is None:
         return USAGE

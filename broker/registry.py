@@ -123,7 +123,7 @@ class Registry:
                 refreshers[name] = old[name]
                 continue
             refreshers[name] = self._build(name, config, fetch_for)
-            if name in old:
+            if name in old and _same_grant(self.config, config, name):
                 _inherit(refreshers[name], old[name])
         # Whole replacements, with no await between them: a request or a
         # readiness probe sees the old set or the new one, never a mix.
@@ -161,6 +161,25 @@ def _inherit(new: Refresher, old: Refresher) -> None:
     """
     new.token = old.token
     new.last_success_wall = old.last_success_wall
+
+
+def _same_grant(old: Config, new: Config, name: str) -> bool:
+    """Whether the old token still fits the new settings of ``name``.
+
+    It does when the client asks the same issuer, as the same client id,
+    for no more than the token was issued for; a new secret or a new
+    refresh policy changes nothing about the token itself. A narrowed scope,
+    another audience or identity must not be answered with the old token.
+    """
+    before, after = old.clients[name], new.clients[name]
+    return (
+        before.client_id == after.client_id
+        and old.environments[before.environment]
+        == new.environments[after.environment]
+        and set(after.scopes) >= set(before.scopes)
+        and (before.audience, before.resource, before.params)
+        == (after.audience, after.resource, after.params)
+    )
 
 
 async def _cancel(tasks: Iterable[asyncio.Task[None]]) -> None:

@@ -31,6 +31,9 @@ __all__ = ["ClientSinks", "SinkError", "SinkWriter", "check_sinks"]
 log = structlog.get_logger("broker.sinks")
 
 HOOK_TIMEOUT = 30.0
+# After a failed write, try again this soon, then twice as late each time.
+SINK_RETRY_FIRST = 5.0
+SINK_RETRY_MAX = 300.0
 # The end of a failed command's output goes into the log line.
 HOOK_OUTPUT_TAIL = 2000
 # A command inherits only these: the rest of the broker's environment may
@@ -75,12 +78,17 @@ class ClientSinks:
         self._expires_iso = ""
         self._hook: asyncio.Task[None] | None = None
         self._again = False
+        self._latest: Token | None = None
+        self._retry: asyncio.Task[None] | None = None
+        self._retry_in = SINK_RETRY_FIRST
 
     async def __call__(self, token: Token) -> None:
         """Write every file, then start (or queue) the on_refresh command."""
         writer = self._writer
+        self._latest = token
         errors = await asyncio.to_thread(_write_all, self.sinks, token, writer.wall())
         self._record(errors)
+        self._schedule_retry(token)
 
         if self.command is None:
             return
@@ -110,6 +118,41 @@ class ClientSinks:
                 log.warning("sink.write_failed", error=error, **fields)
 
         self.error = "; ".join(failed) or None
+
+    def _schedule_retry(self, token: Token) -> None:
+        """Write again later after a failure (a directory fixed, a disk freed).
+
+        Otherwise a failed file would wait for the next refresh, most of a
+        token's lifetime, with readiness failing all along. The waits double
+        up to :data:`SINK_RETRY_MAX`; a newer token takes the retry over.
+        """
+        if self.error is None:
+            self._retry_in = SINK_RETRY_FIRST
+            return
+        if self._retry is not None and not self._retry.done():
+            return
+
+        async def retry() -> None:
+            await asyncio.sleep(self._retry_in)
+            self._retry_in = min(self._retry_in * 2, SINK_RETRY_MAX)
+            self._retry = None  # so a failure again schedules the next one
+            current = self._latest
+            if current is not None and current.expires_wall > self._writer.wall():
+                log.info("sink.retrying", client=self.name)
+                await self(current)
+
+        self._retry = asyncio.create_task(retry(), name=f"sink-retry-{self.name}")
+
+    @property
+    def pending_retry(self) -> asyncio.Task[None] | None:
+        """The scheduled retry of a failed write, if one is pending."""
+        retry = self._retry
+        return retry if retry is not None and not retry.done() else None
+
+    def cancel_retry(self) -> None:
+        """Stop a pending retry (the client was removed, or shutdown)."""
+        if self._retry is not None:
+            self._retry.cancel()
 
     async def _hook_loop(self) -> None:
         while True:
@@ -236,6 +279,9 @@ class SinkWriter:
             self.forget(name)
             return None
 
+        earlier = self._clients.get(name)
+        if earlier is not None:
+            earlier.cancel_retry()
         sinks = ClientSinks(name, spec, self)
         self._clients[name] = sinks
         self.metrics.add_sinks(name, hook=spec.on_refresh is not None)
@@ -248,7 +294,9 @@ class SinkWriter:
 
     def forget(self, name: str) -> None:
         """Stop reporting a removed client (its files stay as they are)."""
-        if self._clients.pop(name, None) is not None:
+        sinks = self._clients.pop(name, None)
+        if sinks is not None:
+            sinks.cancel_retry()
             self.metrics.remove_sinks(name)
 
     def failing(self) -> list[str]:
@@ -279,6 +327,8 @@ class SinkWriter:
 
     async def close(self) -> None:
         """Kill running commands and wait for them (at shutdown)."""
+        for sinks in self._clients.values():
+            sinks.cancel_retry()
         for task in self._hooks:
             task.cancel()
         await asyncio.gather(*self._hooks, return_exceptions=True)

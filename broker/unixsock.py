@@ -17,7 +17,7 @@ class SocketError(BrokerError):
     """The socket path cannot be used; says why."""
 
 
-Identity = tuple[int, int, int]
+Identity = tuple[int, int]
 
 
 def bind(
@@ -84,17 +84,20 @@ def check_directory(directory: str) -> None:
 
 
 def remove(path: str, identity: Identity) -> None:
-    """Remove ``path`` if it is still the socket we created."""
-    with contextlib.suppress(FileNotFoundError):
-        if _identity(path) == identity:
+    """Remove ``path`` if it is still the socket we created.
+
+    Called once our listener is closed. The inode number alone could have
+    been reused at once by a newer broker's socket, so a socket someone
+    still listens on is left alone.
+    """
+    with contextlib.suppress(FileNotFoundError, SocketError):
+        if _identity(path) == identity and not _alive(path):
             os.unlink(path)
 
 
 def _identity(path: str) -> Identity:
-    # The inode number alone can be reused at once by a newer socket; its
-    # change time tells the two apart.
     info = os.lstat(path)
-    return (info.st_dev, info.st_ino, info.st_ctime_ns)
+    return (info.st_dev, info.st_ino)
 
 
 def _clear_stale(path: str) -> None:

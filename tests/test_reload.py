@@ -315,6 +315,34 @@ async def test_changed_client_that_fails_keeps_serving_the_old_token(
     assert setup.issuers.made["chat"][0].calls == 1
 
 
+async def test_a_narrowed_or_reassigned_client_drops_the_old_token(
+    setup: Setup,
+) -> None:
+    """Fewer scopes, or another client id: the old token no longer fits and
+    is never served after the reload; callers wait for (or are refused) the
+    new one."""
+    refused = IssuerError("invalid_client", "no such client", permanent=True)
+    setup.issuers.scripts["chat"] = [refused] * 10
+    await setup.registry.apply(config({**BASE, "chat": spec(scopes=["a", "b"])}))
+    await settle()
+    assert await setup.token("chat") == (200, "chat-1-1")
+
+    setup.issuers.scripts["chat"] = [refused] * 10
+    await setup.registry.apply(config({**BASE, "chat": spec(scopes=["a"])}))
+    await settle()
+    narrowed = await setup.api.get("/v1/tokens/chat")
+
+    setup.issuers.scripts["chat"] = [refused] * 10
+    await setup.registry.apply(
+        config({**BASE, "chat": spec(scopes=["a", "b"], client_id="other")})
+    )
+    await settle()
+    reassigned = await setup.api.get("/v1/tokens/chat")
+
+    assert narrowed.status == reassigned.status == 503
+    assert (await narrowed.json())["reason"] == "invalid_client"
+
+
 async def test_removed_client_leaves_the_api_and_the_metrics(setup: Setup) -> None:
     """A removed client answers 404, is not listed, exports no series and
     asks its issuer nothing more."""

@@ -17,6 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from broker import cli, sinkfile
+from broker import sinks as sinks_module
 from broker.config import Client, Config, Sink
 from broker.loader import load_text
 from broker.metrics import Metrics
@@ -351,6 +352,33 @@ async def test_a_later_good_write_clears_the_failure(workdir: Path) -> None:
     await sinks(make_token())
 
     assert writer.failing() == []
+    assert (workdir / "token").read_text() == f"{JWT}\n"
+
+
+async def test_a_failed_write_is_retried_without_waiting_for_a_new_token(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that could not be written is tried again soon, with backoff,
+    so readiness recovers without the next refresh."""
+    monkeypatch.setattr(sinks_module, "SINK_RETRY_FIRST", 0.01)
+    writer = SinkWriter(Metrics(), wall=lambda: WALL)
+    (workdir / "token").mkdir()
+    sinks = writer.hook("chat", chat(workdir, "sinks: [{path: token}]"))
+    assert sinks is not None
+    await sinks(make_token())
+    assert writer.failing() == ["chat"]
+    first = sinks.pending_retry
+    assert first is not None
+
+    await asyncio.wait_for(first, 5)
+    assert writer.failing() == ["chat"]
+    (workdir / "token").rmdir()
+    second = sinks.pending_retry
+    assert second is not None
+    await asyncio.wait_for(second, 5)
+
+    assert writer.failing() == []
+    assert sinks.pending_retry is None
     assert (workdir / "token").read_text() == f"{JWT}\n"
 
 

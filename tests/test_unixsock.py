@@ -116,11 +116,13 @@ def test_remove_only_removes_our_own_socket(sockdir: Path) -> None:
     os.unlink(path)
     with socket.socket(socket.AF_UNIX) as newer:
         newer.bind(path)
+        newer.listen(1)
         unixsock.remove(path, identity)
-    assert os.path.exists(path)
+        assert os.path.exists(path)
     os.unlink(path)
     mine, identity = unixsock.bind(path, 0o600)
     mine.close()
+    os.chmod(path, 0o640)  # metadata changes do not make it someone else's
     unixsock.remove(path, identity)
 
     assert not os.path.exists(path)
