@@ -190,7 +190,24 @@ def _run_daemon(run: Callable[[], Coroutine[Any, Any, None]]) -> int:
     return OK
 
 
+def _keep_inherited_descriptors() -> None:
+    """Mark descriptors the broker inherited close-on-exec.
+
+    uvloop's subprocesses ignore ``close_fds``, so an ``on_refresh`` command
+    would otherwise get every descriptor the broker was started with (a
+    shell's, a supervisor's). The broker's own descriptors are already
+    close-on-exec; stdin, stdout and stderr stay as they are.
+    """
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2:
+                with contextlib.suppress(OSError):
+                    os.set_inheritable(fd, False)
+
+
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    _keep_inherited_descriptors()
     with contextlib.suppress(ImportError):
         import uvloop
 

@@ -165,10 +165,20 @@ class Reloader:
 
     async def run(self) -> None:
         """Reload on every request and whenever the file's digest changes."""
+        settling: str | None = None
         while True:
             requested = await self._next()
-            if not requested and file_digest(self._source.path) == self._digest:
-                continue
+            if not requested:
+                digest = file_digest(self._source.path)
+                if digest == self._digest:
+                    settling = None
+                    continue
+                # A file edited in place may be caught half-written; act only
+                # on content that stayed the same for one whole interval.
+                if digest != settling:
+                    settling = digest
+                    continue
+            settling = None
 
             try:
                 await self.reload("signal" if requested else "file")

@@ -536,12 +536,15 @@ async def test_watcher_reloads_only_when_the_content_changes(
     watching: Files,
 ) -> None:
     """The file is polled; an untouched file is not reloaded, a new digest
-    is, and a broken file is reported once, not at every poll."""
+    is once it stayed the same for a whole interval (not half-written), and
+    a broken file is reported once, not at every poll."""
     files = watching
     await files.clock.advance(2)
     assert files.count("unchanged") == files.count("applied") == 0
 
     files.write({**BASE, "files": spec()})
+    await files.clock.advance(2)
+    assert files.count("applied") == 0, "a change must hold for one interval"
     await files.clock.advance(2)
     assert files.count("applied") == 1
     assert files.registry.get("files") is not None
@@ -558,6 +561,7 @@ async def test_comment_only_edit_is_an_unchanged_reload(watching: Files) -> None
     files = watching
     files.path.write_text(files.path.read_text() + "# reviewed\n")
 
+    await files.clock.advance(2)
     await files.clock.advance(2)
 
     assert files.count("unchanged") == 1
@@ -579,6 +583,7 @@ async def test_configmap_symlink_swap_is_noticed(tmp_path: Path) -> None:
     await settle()
 
     volume.write(dump(config_data({"chat": spec()}, watch_config="1s")))
+    await clock.advance(1)
     await clock.advance(1)
 
     assert list(registry.refreshers) == ["chat"]
