@@ -15,11 +15,12 @@ from aiohttp import web
 
 from broker import guard
 from broker.clock import Clock
+from broker.config import Client
 from broker.errors import TokenUnavailable
 from broker.metrics import Metrics
 from broker.refresh import Refresher
 from broker.registry import Registry
-from broker.scoped import ScopedTokens, normalise
+from broker.scoped import ScopedTokens, Variant, normalise
 from broker.token import Token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -33,7 +34,7 @@ LISTENER = web.AppKey("listener", str)
 SCOPED = web.AppKey("scoped", ScopedTokens)
 STOP = web.AppKey("stop", asyncio.Event)
 
-_TOKEN_PARAMS = frozenset({"format", "min_ttl", "scope"})
+_TOKEN_PARAMS = frozenset({"format", "min_ttl", "scope", "audience"})
 
 
 def error(
@@ -186,9 +187,9 @@ async def _take(
     problem = _check_query(request)
     if problem:
         return error(400, "invalid_request", problem, name)
-    scopes = _requested_scopes(request, refresher.scopes)
-    if isinstance(scopes, web.Response):
-        return scopes
+    variant = _requested_variant(request, registry.config.clients[name])
+    if isinstance(variant, web.Response):
+        return variant
     min_ttl = float(request.query.get("min_ttl", 0))
     held = refresher.token
     if held is not None and min_ttl > held.lifetime - held.margin:
@@ -200,46 +201,69 @@ async def _take(
             name,
         )
 
-    if scopes is not None:
+    if variant is not None:
         if SCOPED not in request.app:
-            return error(400, "invalid_request", "scope= is not served here", name)
-        refresher = request.app[SCOPED].refresher(name, scopes)
+            return error(400, "invalid_request", "not served here", name)
+        refresher = request.app[SCOPED].refresher(name, variant)
     metrics, listener = request.app[METRICS], request.app[LISTENER]
     try:
         token = await (refresher.force() if force else refresher.get(min_ttl))
     except TokenUnavailable as exc:
         metrics.served(name, listener, "unavailable")
         return _unavailable(exc)
-    if scopes is not None:
-        request.app[SCOPED].settle(name, scopes)
+    if variant is not None:
+        request.app[SCOPED].settle(name, variant)
     metrics.served(name, listener, "ok")
 
     return refresher, token
 
 
-def _requested_scopes(
-    request: web.Request, configured: tuple[str, ...]
-) -> tuple[str, ...] | web.Response | None:
-    """The scope subset asked for; ``None`` for the configured set."""
+def _requested_variant(
+    request: web.Request, spec: Client
+) -> Variant | web.Response | None:
+    """What the caller asked for beyond the client's own token, if anything.
+
+    ``scope`` must be a subset of the client's scopes and ``audience`` one
+    the config allows: a caller can narrow the client's rights, never widen
+    them.
+    """
     name = request.match_info["client"]
-    if "scope" not in request.query:
-        return None
-    scopes = normalise(request.query["scope"])
-    if not scopes:
-        return error(400, "invalid_request", "scope is empty", name)
-    extra = sorted(set(scopes) - set(configured))
-    if extra:
-        return error(
-            403,
-            "forbidden",
-            f"scope {extra[0]!r} is not among this client's scopes",
-            name,
-            reason="scope_not_allowed",
-        )
-    if set(scopes) == set(configured):
+    query = request.query
+    if any(len(query.getall(key, [])) > 1 for key in ("scope", "audience")):
+        return error(400, "invalid_request", "give scope and audience once", name)
+
+    scopes = spec.scopes
+    if "scope" in query:
+        scopes = normalise(query["scope"])
+        if not scopes:
+            return error(400, "invalid_request", "scope is empty", name)
+        extra = sorted(set(scopes) - set(spec.scopes))
+        if extra:
+            return error(
+                403,
+                "forbidden",
+                f"scope {extra[0]!r} is not among this client's scopes",
+                name,
+                reason="scope_not_allowed",
+            )
+
+    audience = query.get("audience")
+    if audience is not None and audience != spec.audience:
+        if audience not in spec.audiences:
+            return error(
+                403,
+                "forbidden",
+                f"audience {audience[:200]!r} is not among this client's audiences",
+                name,
+                reason="audience_not_allowed",
+            )
+    else:
+        audience = None
+
+    if set(scopes) == set(spec.scopes) and audience is None:
         return None
 
-    return scopes
+    return Variant(tuple(sorted(scopes)), audience)
 
 
 def _check_query(request: web.Request) -> str | None:
@@ -330,8 +354,10 @@ async def clients(request: web.Request) -> web.Response:
             "environment": refresher.environment,
             **state(refresher),
             "scoped": [
-                state(subset)
-                for subset in (scoped.entries(refresher.name) if scoped else [])
+                {**state(subset), "audience": variant.audience}
+                for variant, subset in (
+                    scoped.entries(refresher.name) if scoped else []
+                )
             ],
         }
         answer.append(entry)

@@ -301,6 +301,8 @@ class Client(StrictModel):
     auth: AuthMethod = "client_secret_basic"
     encoding: Literal["form", "json"] = "form"
     audience: str | None = None
+    # Other audiences callers may ask for with ?audience= (besides audience).
+    audiences: tuple[str, ...] = ()
     resource: str | tuple[str, ...] | None = None
     params: dict[str, str] = Field(default_factory=dict)
     required: Bool = True

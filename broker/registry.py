@@ -174,8 +174,7 @@ def _same_grant(old: Config, new: Config, name: str) -> bool:
     before, after = old.clients[name], new.clients[name]
     return (
         before.client_id == after.client_id
-        and old.environments[before.environment]
-        == new.environments[after.environment]
+        and old.environments[before.environment] == new.environments[after.environment]
         and set(after.scopes) >= set(before.scopes)
         and (before.audience, before.resource, before.params)
         == (after.audience, after.resource, after.params)

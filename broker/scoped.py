@@ -23,10 +23,19 @@ from broker.refresh import OnToken, Refresher
 from broker.registry import Registry
 from broker.token import Token
 
-Key = tuple[str, tuple[str, ...]]
-# Builds a refresher for a client and a scope subset; ``keep_going`` tells it
+
+@dataclass(frozen=True)
+class Variant:
+    """What a caller asked for beyond the client's own token."""
+
+    scopes: tuple[str, ...]
+    audience: str | None = None
+
+
+Key = tuple[str, Variant]
+# Builds a refresher for a client and a variant; ``keep_going`` tells it
 # whether anyone asked since its last token, ``on_token`` is its hook.
-Build = Callable[[str, tuple[str, ...], Callable[[], bool], OnToken], Refresher]
+Build = Callable[[str, Variant, Callable[[], bool], OnToken], Refresher]
 
 # An entry whose first token has not come yet lives this long at most.
 PENDING_SECONDS = 60.0
@@ -84,20 +93,20 @@ class ScopedTokens:
     def __len__(self) -> int:
         return len(self._cache)
 
-    def refresher(self, client: str, scopes: tuple[str, ...]) -> Refresher:
-        """The refresher of ``client`` for exactly ``scopes``, started on first use.
+    def refresher(self, client: str, variant: Variant) -> Refresher:
+        """The refresher of ``client`` for ``variant``, started on first use.
 
         Marks the entry as used, so its loop keeps the token fresh.
         """
-        key = (client, scopes)
+        key = (client, variant)
         entry = self._cache.get(key)
         if entry is None:
             entry = Entry()
 
             async def follow(token: Token) -> None:
-                self.settle(client, scopes)
+                self.settle(client, variant)
 
-            entry.refresher = self._build(client, scopes, entry.take_use, follow)
+            entry.refresher = self._build(client, variant, entry.take_use, follow)
             entry.task = asyncio.create_task(
                 entry.refresher.run(), name=f"scoped-{client}"
             )
@@ -106,17 +115,17 @@ class ScopedTokens:
 
         return entry.refresher
 
-    def settle(self, client: str, scopes: tuple[str, ...]) -> None:
+    def settle(self, client: str, variant: Variant) -> None:
         """Let the entry's life follow the token it now holds."""
-        key = (client, scopes)
+        key = (client, variant)
         entry = self._cache.get(key)
         if entry is not None:
             self._cache[key] = entry
 
-    def entries(self, client: str) -> list[Refresher]:
-        """The cached scope-set refreshers of one client (for status)."""
+    def entries(self, client: str) -> list[tuple[Variant, Refresher]]:
+        """The cached variants of one client and their refreshers (status)."""
         return [
-            self._cache[key].refresher
+            (key[1], self._cache[key].refresher)
             for key in list(self._cache)
             if key[0] == client and key in self._cache
         ]
@@ -143,12 +152,18 @@ def builder(
 
     def build(
         name: str,
-        scopes: tuple[str, ...],
+        variant: Variant,
         keep_going: Callable[[], bool],
         on_token: OnToken,
     ) -> Refresher:
         config = registry.config
-        spec = config.clients[name].model_copy(update={"scopes": scopes})
+        spec = config.clients[name]
+        spec = spec.model_copy(
+            update={
+                "scopes": variant.scopes,
+                "audience": variant.audience or spec.audience,
+            }
+        )
         policy = config.policy(name)
         fetch = partial(
             issuer.fetch,
@@ -161,7 +176,7 @@ def builder(
         return Refresher(
             name,
             spec.environment,
-            scopes,
+            variant.scopes,
             policy,
             fetch,
             clock=clock,

@@ -175,7 +175,11 @@ def test_reason_codes_match_the_code(document: dict[str, Any]) -> None:
     can say, no more."""
     schemas = document["components"]["schemas"]
     forbidden = set(schemas["Forbidden"]["properties"]["reason"]["enum"])
-    assert forbidden == set(guard.REFUSALS) | {"scope_not_allowed", "unix_only"}
+    assert forbidden == set(guard.REFUSALS) | {
+        "scope_not_allowed",
+        "audience_not_allowed",
+        "unix_only",
+    }
     failures = set(schemas["FailureReason"]["enum"])
     assert failures == set(grant.REASONS) | OTHER_FAILURES
     waits = schemas["Unavailable"]["properties"]["reason"]["anyOf"][1]["enum"]

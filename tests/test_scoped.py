@@ -16,7 +16,7 @@ from broker.loader import load_text
 from broker.metrics import Metrics
 from broker.refresh import OnToken, Refresher
 from broker.registry import Registry
-from broker.scoped import ScopedTokens, normalise
+from broker.scoped import ScopedTokens, Variant, normalise
 from broker.status import table
 from tests.fakes import FakeClock, ScriptedFetch, settle
 
@@ -29,6 +29,7 @@ clients:
     client_id: c
     client_secret: s3cr3t-value
     scopes: [a, b, c]
+    audiences: ["https://b.example"]
 refresh: {jitter: 0, min_interval: 5s}
 """
 
@@ -56,11 +57,13 @@ class Setup:
     def build(
         self,
         name: str,
-        scopes: tuple[str, ...],
+        variant: Variant,
         keep_going: Callable[[], bool],
         on_token: OnToken,
     ) -> Refresher:
-        fetch = self.fetches.setdefault(scopes, ScriptedFetch(prefix="".join(scopes)))
+        scopes = variant.scopes
+        key = scopes if variant.audience is None else (*scopes, variant.audience)
+        fetch = self.fetches.setdefault(key, ScriptedFetch(prefix="".join(key)))
         return Refresher(
             name,
             "prod",
@@ -185,12 +188,13 @@ async def test_the_cache_is_bounded(unix: Client, setup: Setup) -> None:
     await settle()
     try:
         for scopes in (("a",), ("b",), ("c",)):
-            refresher = small.scoped.refresher("chat", scopes)
+            refresher = small.scoped.refresher("chat", Variant(scopes))
             await refresher.get()
-            small.scoped.settle("chat", scopes)
+            small.scoped.settle("chat", Variant(scopes))
 
         assert len(small.scoped) == 2
-        assert [r.scopes for r in small.scoped.entries("chat")] == [("b",), ("c",)]
+        kept = [r.scopes for _, r in small.scoped.entries("chat")]
+        assert kept == [("b",), ("c",)]
     finally:
         small.scoped.close()
         await small.registry.stop()
@@ -283,3 +287,18 @@ async def test_scoped_tokens_are_counted_as_their_client(
     )
 
     assert refreshes == 2
+
+
+async def test_an_allowed_audience_gets_its_own_token(unix: Client) -> None:
+    """?audience= from the client's audiences list is a variant of its own;
+    any other audience is refused."""
+    allowed = await unix.get("/v1/tokens/chat?audience=https://b.example")
+    body = await allowed.json()
+    refused = await unix.get("/v1/tokens/chat?audience=https://evil.example")
+    twice = await unix.get("/v1/tokens/chat?scope=a&scope=b")
+
+    assert allowed.status == 200
+    assert body["access_token"] == "abchttps://b.example-1"
+    assert refused.status == 403
+    assert (await refused.json())["reason"] == "audience_not_allowed"
+    assert twice.status == 400
