@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -240,6 +240,7 @@ class _NodeCheck:
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             if key_node.tag == f"{_YAML}merge":
+                self.merge(value_node, path)
                 self.visit(value_node, path, depth + 1)
                 continue
 
@@ -253,6 +254,12 @@ class _NodeCheck:
                 )
             seen[key] = line
             self.visit(value_node, [*path, key], depth + 1)
+
+    def merge(self, node: yaml.Node, path: KeyPath) -> None:
+        """``<<`` takes a mapping or a list of mappings, nothing else."""
+        items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        if not all(isinstance(item, yaml.MappingNode) for item in items):
+            raise self.error(path, node, "<< merges a mapping or a list of mappings")
 
     def key(self, node: yaml.Node, path: KeyPath) -> str:
         """Return a mapping key, which must be plain text."""
@@ -277,7 +284,16 @@ class _NodeCheck:
 
         try:
             self.loader.construct_object(node)
-        except (ValueError, OverflowError, yaml.YAMLError):
+        # PyYAML's constructors assume the resolver chose the tag; on an explicit
+        # one (!!bool 0.8, !!int "", !!timestamp x) they fail with whatever the
+        # parsing code hits: KeyError, IndexError, AttributeError.
+        except (
+            ValueError,
+            OverflowError,
+            LookupError,
+            AttributeError,
+            yaml.YAMLError,
+        ):
             raise self.error(
                 path, node, f"cannot be read as {_kind(node.tag)}"
             ) from None
@@ -416,10 +432,11 @@ def _allowed_keys(model: type[BaseModel], path: KeyPath) -> list[str]:
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return []
-        info = current.model_fields.get(str(part))
-        if info is None:
+        if str(part) not in current.model_fields:
             return []
-        current, skip_key = _model_of(info.annotation)
+        # Resolved here: a field naming a model defined later in its module
+        # (Client.sinks) keeps a forward reference in model_fields.
+        current, skip_key = _model_of(get_type_hints(current)[str(part)])
 
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
@@ -427,11 +444,16 @@ def _allowed_keys(model: type[BaseModel], path: KeyPath) -> list[str]:
 
 
 def _model_of(annotation: Any) -> tuple[Any, bool]:
-    """Find the model inside ``X | None`` or ``dict[str, X]``."""
+    """Find the model inside ``X | None``, ``dict[str, X]`` or ``tuple[X, ...]``.
+
+    The flag says the next part of a key path (a name, an index) is skipped.
+    """
     origin = getattr(annotation, "__origin__", None)
     args: tuple[Any, ...] = getattr(annotation, "__args__", ())
     if origin is dict and len(args) == 2:
         return args[1], True
+    if origin in (tuple, list) and args:
+        return args[0], True
     for arg in args:
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg, False
@@ -460,6 +482,35 @@ def _check_references(config: Config, name: str) -> None:
         )
 
     _check_addresses(config, name)
+    _check_sink_targets(config, name)
+
+
+def _check_sink_targets(config: Config, name: str) -> None:
+    """A token file must not overwrite a file the broker itself reads."""
+    read = {os.path.realpath(name): "the config file"}
+    for environment, env in config.environments.items():
+        if env.ca_file:
+            read[os.path.realpath(env.ca_file)] = f"environments.{environment}"
+    for client, spec in config.clients.items():
+        sources = [spec.private_key]
+        if spec.client_cert is not None:
+            sources += [spec.client_cert.cert, spec.client_cert.key]
+        paths = [source.path for source in sources if source is not None]
+        if spec.client_secret is not None and spec.client_secret.kind == "file":
+            paths.append(spec.client_secret.name)
+        for path in paths:
+            read[os.path.realpath(path)] = f"clients.{client}"
+
+    for client, spec in config.clients.items():
+        for index, sink in enumerate(spec.sinks):
+            owner = read.get(os.path.realpath(sink.path))
+            if owner is not None:
+                raise ConfigError(
+                    name,
+                    ["clients", client, "sinks", index, "path"],
+                    f"{sink.path} is a file the broker reads ({owner}); a token "
+                    "file there would overwrite it",
+                )
 
 
 def _check_addresses(config: Config, name: str) -> None:

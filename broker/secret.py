@@ -77,6 +77,10 @@ def check_secret_text(text: str) -> str:
         raise ValueError("the secret is empty")
     if any(unicodedata.category(ch) == "Cc" for ch in text):
         raise ValueError("the secret contains a control character")
+    if any(unicodedata.category(ch) == "Cs" for ch in text):
+        # os.environ keeps undecodable bytes as lone surrogates, which cannot
+        # be encoded to send (or to fingerprint) later.
+        raise ValueError("the secret is not valid UTF-8 text")
 
     return text
 

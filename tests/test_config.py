@@ -1474,7 +1474,7 @@ BILLION_LAUGHS = "\n".join(
         ("~: 1\n", "reads as null"),
         ("1.5: 1\n", "reads as a number"),
         ("2020-01-01: 1\n", "reads as a date"),
-        ("x:\n  <<: 5\n", "not valid YAML"),
+        ("x:\n  <<: 5\n", "<< merges a mapping"),
         ("x: \x00\n", "character #x0000 is not allowed"),
         ("x: \x1b[31m\n", "character #x001b is not allowed"),
         ("x: !!set {a, b}\n", "unknown key"),
@@ -1617,3 +1617,21 @@ def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     )
 
     assert error.key_path == "listen.unix"
+
+
+def test_a_token_file_may_not_overwrite_a_file_the_broker_reads(
+    tmp_path: Path,
+) -> None:
+    """A sink at the client's own secret file (or the config) is refused."""
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t-value\n")
+    for target in (secret, tmp_path / "broker.yaml"):
+        text = MINIMAL.replace(
+            "    client_id: m2m-chat\n",
+            f"    client_id: m2m-chat\n    sinks: [{{path: {target}}}]\n",
+        ).replace("{env: CHAT_SECRET}", "{file: secret}")
+        (tmp_path / "broker.yaml").write_text(text)
+
+        with pytest.raises(ConfigError, match="a file the broker reads") as caught:
+            load(tmp_path / "broker.yaml", {**ENVIRON})
+        assert caught.value.key_path == "clients.chat.sinks[0].path"
