@@ -219,10 +219,22 @@ def outcome(
 
 
 def reference(text: str) -> Any:
-    """What PyYAML alone reads from ``text``, or None when it cannot."""
+    """What PyYAML alone reads from ``text``, or None when it cannot.
+
+    PyYAML on its own fails in more ways than YAMLError on explicit tags
+    (``!!bool null`` is a KeyError), which is why the loader checks first.
+    """
+    failures = (
+        yaml.YAMLError,
+        RecursionError,
+        ArithmeticError,
+        LookupError,
+        ValueError,
+        AttributeError,
+    )
     try:
         return yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError, ValueError, OverflowError):
+    except failures:
         return None
 
 
