@@ -28,6 +28,7 @@ from pydantic import (
 # sun_path holds 108 bytes on Linux and 104 on the BSDs, the NUL included.
 SUN_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
 
+MAX_DURATION = 366 * 86400.0
 _DURATION_FORM = "write 30s, 5m, 1h, 1h30m, 250ms or a number of seconds"
 _PLAIN_SECONDS = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
@@ -57,8 +58,10 @@ def parse_duration(value: object) -> float:
     except OverflowError:
         raise ValueError("the duration is too large") from None
 
-    if not math.isfinite(seconds):
-        raise ValueError("the duration is too large")
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        # No setting here sensibly exceeds a year, and timers of 1e308 s
+        # overflow the event loop's arithmetic.
+        raise ValueError("the duration is too large (at most 366d)")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
 

@@ -1635,3 +1635,11 @@ def test_a_token_file_may_not_overwrite_a_file_the_broker_reads(
         with pytest.raises(ConfigError, match="a file the broker reads") as caught:
             load(tmp_path / "broker.yaml", {**ENVIRON})
         assert caught.value.key_path == "clients.chat.sinks[0].path"
+
+
+def test_durations_are_at_most_a_year() -> None:
+    """An absurd duration is refused rather than overflowing a timer."""
+    error = refused(with_section("refresh", {"timeout": 10**300}), "too large")
+
+    assert error.key_path == "refresh.timeout"
+    assert config(with_section("refresh", {"default_lifetime": "366d"}))
