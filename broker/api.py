@@ -6,7 +6,6 @@ import asyncio
 import functools
 import math
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -21,7 +20,7 @@ from broker.metrics import Metrics
 from broker.refresh import Refresher
 from broker.registry import Registry
 from broker.scoped import ScopedTokens, Variant, normalise
-from broker.token import Token
+from broker.token import Token, rfc3339
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -399,6 +398,4 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(int(timestamp), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if timestamp is None else rfc3339(timestamp)

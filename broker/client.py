@@ -9,6 +9,7 @@ from urllib.parse import quote
 import aiohttp
 
 from broker.guard import HEADER
+from broker.transport import why
 
 
 class BrokerUnreachable(Exception):
@@ -70,7 +71,7 @@ async def ask(
             text = await response.text()
             status = response.status
     except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:
-        raise BrokerUnreachable(f"no broker answers at {where} ({_why(exc)})") from None
+        raise BrokerUnreachable(f"no broker answers at {where} ({why(exc)})") from None
 
     try:
         body = json.loads(text)
@@ -78,10 +79,3 @@ async def ask(
         body = {}
 
     return Answer(status, body if isinstance(body, dict) else {}, text)
-
-
-def _why(exc: BaseException) -> str:
-    cause = getattr(exc, "os_error", None) or exc
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    return type(exc).__name__

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Literal
 
 import structlog
@@ -23,7 +22,7 @@ from broker.config import RefreshPolicy
 from broker.errors import IssuerError, TokenUnavailable
 from broker.metrics import Metrics
 from broker.schedule import backoff_delay, refresh_delay, serve_margin
-from broker.token import Grant, Token
+from broker.token import Grant, Token, rfc3339
 
 State = Literal["pending", "fresh", "refreshing", "stale", "failing", "expired"]
 Fetch = Callable[[], Awaitable[Grant]]
@@ -323,7 +322,7 @@ class Refresher:
             scope=grant.scope if grant.scope is not None else " ".join(self.scopes),
             margin=serve_margin(lifetime, self.policy),
             refresh_at=started + max(delay, MIN_REFRESH_DELAY),
-            expires_iso=_rfc3339(started_wall + lifetime),
+            expires_iso=rfc3339(started_wall + lifetime),
         )
 
         previous, self.token = self.token, token
@@ -394,8 +393,3 @@ class Refresher:
 def _consume_error(task: asyncio.Task[Token]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _rfc3339(timestamp: float) -> str:
-    moment = datetime.fromtimestamp(int(timestamp), UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from broker.secret import Secret
 
@@ -55,3 +56,8 @@ class Token:
     def servable(self, now: float, min_ttl: float = 0.0) -> bool:
         """True when it may be served and lives ``min_ttl`` more seconds."""
         return now < self.serve_until and self.expires_at - now >= min_ttl
+
+
+def rfc3339(timestamp: float) -> str:
+    """A Unix time as RFC 3339 UTC to the second, as the API shows times."""
+    return datetime.fromtimestamp(int(timestamp), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -22,6 +22,7 @@ from broker.metrics import Metrics
 from broker.registry import Registry
 from tests import process
 from tests.fakes import FakeClock, ScriptedFetch
+from tests.test_e2e import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD = {"Token-Broker": "1"}
@@ -225,21 +226,7 @@ async def fetch(
 async def test_served_on_every_listener(workdir: Path) -> None:
     """/openapi.json is the packaged document on TCP (with the guard
     header), on the Unix socket and on the metrics listener."""
-    issuer_port = process.free_port()
-    (workdir / "secret").write_text("openapi-secret-Tg40\n")
-    config_file = workdir / "broker.yaml"
-    config_file.write_text(
-        f"""
-listen:
-  http: 127.0.0.1:0
-  unix: {workdir}/broker.sock
-  metrics: 127.0.0.1:0
-environments:
-  dev: {{token_url: "http://127.0.0.1:{issuer_port}/oauth2/token"}}
-clients:
-  chat: {{environment: dev, client_id: c, client_secret: {{file: secret}}}}
-"""
-    )
+    config_file = write_config(workdir, process.free_port())
     broker = await process.start(config_file)
     started = broker.started()
     expected = json.loads(packaged())
