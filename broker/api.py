@@ -12,11 +12,13 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from broker import guard
+from broker import access, guard
+from broker.audit import Audit
 from broker.clock import Clock
 from broker.config import Client
 from broker.errors import TokenUnavailable
 from broker.metrics import Metrics
+from broker.ratelimit import RateLimiter, retry_after
 from broker.refresh import Refresher
 from broker.registry import Registry
 from broker.scoped import ScopedTokens, Variant, normalise
@@ -32,8 +34,12 @@ CLOCK = web.AppKey("clock", Clock)
 LISTENER = web.AppKey("listener", str)
 SCOPED = web.AppKey("scoped", ScopedTokens)
 STOP = web.AppKey("stop", asyncio.Event)
+AUDIT = web.AppKey("audit", Audit)
+LIMITER = web.AppKey("limiter", RateLimiter)
 
 _TOKEN_PARAMS = frozenset({"format", "min_ttl", "scope", "audience"})
+# No route takes a body; a small one (a client's habitual "{}") is ignored.
+MAX_BODY = 4096
 
 
 def error(
@@ -65,19 +71,58 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error(500, "internal_error", "the broker failed; see its log")
 
 
-def guarded(listener: str) -> Callable[[web.Request, Handler], Awaitable[Any]]:
-    """Middleware applying :mod:`broker.guard` on a TCP listener."""
+@web.middleware
+async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Apply :mod:`broker.guard`, as the live config has it, and the body limit.
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> Any:
-        reason = guard.refusal(request.headers, request.raw_path)
-        if reason is None:
-            return await handler(request)
+    Read per request, so a reload changes the guard without a restart.
+    """
+    listener = request.app[LISTENER]
+    policy = request.app[REGISTRY].config.listen.guard
+    reason = guard.refusal(
+        request.headers,
+        request.raw_path,
+        method=request.method,
+        policy=policy,
+        tcp=listener == "tcp",
+    )
+    if reason is not None:
+        return refuse(request, 403, guard.message(reason, policy), reason)
+    if (
+        request.content_length or 0
+    ) > MAX_BODY or "Transfer-Encoding" in request.headers:
+        answer = refuse(
+            request, 413, "the token API takes no request body", "too_large"
+        )
+        answer.force_close()
+        return answer
 
-        log.warning("api.refused", listener=listener, reason=reason, path=request.path)
-        return error(403, "forbidden", guard.REFUSALS[reason], reason=reason)
+    return await handler(request)
 
-    return middleware
+
+def refuse(
+    request: web.Request,
+    status: int,
+    message: str,
+    reason: str,
+    client: str | None = None,
+) -> web.Response:
+    """A refusal: logged as ``api.refused``, counted, answered as JSON."""
+    listener = request.app[LISTENER]
+    log.warning(
+        "api.refused",
+        listener=listener,
+        reason=reason,
+        method=request.method,
+        path=request.path[:200],
+        client=client,
+    )
+    request.app[METRICS].refusal(listener, reason)
+    code = "rate_limited" if status == 429 else "forbidden"
+    if status == 413:
+        code = "invalid_request"
+
+    return error(status, code, message, client, reason=reason)
 
 
 async def no_store(request: web.Request, response: web.StreamResponse) -> None:
@@ -93,16 +138,16 @@ def create_app(
     listener: str,
     scoped: ScopedTokens | None = None,
     stop: asyncio.Event | None = None,
+    audit: Audit | None = None,
+    limiter: RateLimiter | None = None,
 ) -> web.Application:
-    """The token API app; ``listener`` is ``tcp`` (guarded) or ``unix``.
+    """The token API app; ``listener`` is ``tcp`` or ``unix``.
 
     ``scoped`` serves ``?scope=`` subsets (refused without it); ``stop`` is
-    set by ``POST /v1/quit``.
+    set by ``POST /v1/quit``; ``audit`` tallies hand-outs; ``limiter``
+    bounds each caller's request rate.
     """
-    middlewares: list[Any] = [json_errors]
-    if listener == "tcp":
-        middlewares.append(guarded(listener))
-    app = web.Application(middlewares=middlewares, client_max_size=4096)
+    app = web.Application(middlewares=[json_errors, guarded], client_max_size=MAX_BODY)
     app[REGISTRY] = registry
     app[METRICS] = metrics
     app[CLOCK] = clock
@@ -111,6 +156,10 @@ def create_app(
         app[SCOPED] = scoped
     if stop is not None:
         app[STOP] = stop
+    if audit is not None:
+        app[AUDIT] = audit
+    if limiter is not None:
+        app[LIMITER] = limiter
     app.on_response_prepare.append(no_store)
 
     app.router.add_get("/v1/tokens/{client}", token_json)
@@ -182,11 +231,24 @@ async def _take(
     refresher = registry.get(name)
     if refresher is None:
         return error(404, "unknown_client", f"no client named {name!r}", name)
+    spec = registry.config.clients[name]
+
+    listener = request.app[LISTENER]
+    caller = access.caller_of(request, listener)
+    verdict = access.decide(spec.callers, caller)
+    pid = None if caller.peer is None else caller.peer.pid
+    if not verdict.allowed:
+        _audit(request, verdict, name, "refused", pid)
+        return refuse(request, 403, verdict.message, "caller_not_allowed", name)
+    limited = _rate_limited(request, verdict.who.caller, name)
+    if limited is not None:
+        _audit(request, verdict, name, "rate_limited", pid)
+        return limited
 
     problem = _check_query(request)
     if problem:
         return error(400, "invalid_request", problem, name)
-    variant = _requested_variant(request, registry.config.clients[name])
+    variant = _requested_variant(request, spec)
     if isinstance(variant, web.Response):
         return variant
     min_ttl = float(request.query.get("min_ttl", 0))
@@ -204,17 +266,47 @@ async def _take(
         if SCOPED not in request.app:
             return error(400, "invalid_request", "not served here", name)
         refresher = request.app[SCOPED].refresher(name, variant)
-    metrics, listener = request.app[METRICS], request.app[LISTENER]
+    metrics = request.app[METRICS]
     try:
         token = await (refresher.force() if force else refresher.get(min_ttl))
     except TokenUnavailable as exc:
-        metrics.served(name, listener, "unavailable")
+        metrics.served(name, listener, "unavailable", verdict.rule)
+        _audit(request, verdict, name, "unavailable", pid)
         return _unavailable(exc)
     if variant is not None:
         request.app[SCOPED].settle(name, variant)
-    metrics.served(name, listener, "ok")
+    metrics.served(name, listener, "ok", verdict.rule)
+    _audit(request, verdict, name, "ok", pid)
 
     return refresher, token
+
+
+def _rate_limited(
+    request: web.Request, caller: str, client: str | None = None
+) -> web.Response | None:
+    limiter = request.app.get(LIMITER)
+    if limiter is None:
+        return None
+    wait = limiter.wait(caller)
+    if not wait:
+        return None
+
+    message = f"more than {limiter.rate:g} requests per second from this caller"
+    answer = refuse(request, 429, message, "rate_limited", client)
+    answer.headers["Retry-After"] = retry_after(wait)
+    return answer
+
+
+def _audit(
+    request: web.Request,
+    verdict: access.Verdict,
+    client: str,
+    result: str,
+    pid: int | None,
+) -> None:
+    audit = request.app.get(AUDIT)
+    if audit is not None:
+        audit.record(verdict.who, client, request.app[LISTENER], result, pid)
 
 
 def _requested_variant(
@@ -305,11 +397,16 @@ async def quit_broker(request: web.Request) -> web.Response:
     TCP it is refused, so no web page or SSRF can end the broker.
     """
     if request.app[LISTENER] != "unix" or STOP not in request.app:
-        return error(
+        return refuse(
+            request, 403, "quit is accepted only on the Unix socket", "unix_only"
+        )
+    caller = access.caller_of(request, "unix")
+    if not access.may_quit(request.app[REGISTRY].config.listen.quit_callers, caller):
+        return refuse(
+            request,
             403,
-            "forbidden",
-            "quit is accepted only on the Unix socket",
-            reason="unix_only",
+            f"{caller.describe()} may not stop the broker (see listen.quit_callers)",
+            "caller_not_allowed",
         )
 
     log.info("broker.quit_requested", listener=request.app[LISTENER])

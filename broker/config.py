@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from broker.callers import Callers
 from broker.devconfig import DevClient, DevIssuer
 from broker.fields import (
     SCOPE_TOKEN,
@@ -65,6 +66,24 @@ __all__ = [
 
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+# Headers a client library or proxy sets by itself: as the guard header
+# they would be sent, or rewritten, without the caller meaning it.
+_STANDARD_HEADERS = frozenset(
+    {
+        "host",
+        "authorization",
+        "cookie",
+        "origin",
+        "referer",
+        "user-agent",
+        "accept",
+        "connection",
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+    }
+)
 _RESERVED_PARAMS = frozenset(
     {
         "grant_type",
@@ -79,15 +98,64 @@ _RESERVED_PARAMS = frozenset(
 )
 
 
+class Guard(StrictModel):
+    """The caller guard: what a request must carry to be served at all."""
+
+    # Callers send "<header>: 1"; required on TCP, where SSRF and browser
+    # requests arrive and cannot add it, optional on the socket.
+    header: str = Field("Token-Broker", pattern=r"^[A-Za-z0-9-]{1,64}$")
+    http: Bool = True
+    unix: Bool = False
+    # Host names accepted on TCP besides the loopback ones.
+    hosts: tuple[str, ...] = ()
+
+    @field_validator("header")
+    @classmethod
+    def _own_header(cls, value: str) -> str:
+        if value.lower() in _STANDARD_HEADERS:
+            raise ValueError(
+                f"{value} is a standard HTTP header; pick a name of its own"
+            )
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            if not _HOST_NAME.fullmatch(host):
+                raise ValueError(f"{host!r} is not a host name (no port, no scheme)")
+        return tuple(host.lower() for host in value)
+
+
+class Limits(StrictModel):
+    """Bounds that keep one misbehaving caller from starving the others."""
+
+    connections: int = Field(1024, ge=1, le=1_000_000)
+    header_bytes: int = Field(8190, ge=1024, le=65536)
+    headers: int = Field(64, ge=8, le=512)
+    idle_timeout: Duration = Field(30.0, gt=0)
+    # Requests per second per caller, with bursts up to burst; null: no limit.
+    rate: Number | None = Field(1000.0, gt=0)
+    burst: int = Field(2000, ge=1)
+
+
 class Listen(StrictModel):
     """Where the token API and the metrics endpoints listen."""
 
     http: HostPort | None = HostPort(host="127.0.0.1", port=8181)
+    # Accept a socket directory anyone may write to, such as a Kubernetes
+    # emptyDir (0777, shared by the pod's containers only). Declared before
+    # unix, whose check reads it.
+    unix_shared_dir: Bool = False
     unix: str | None = "/tmp/token-broker.sock"  # noqa: S108 - a documented default
     unix_mode: FileMode = 0o660
     unix_group: int | None = None
     metrics: HostPort | None = HostPort(host="127.0.0.1", port=9464)
     drain_timeout: Duration = 5.0
+    guard: Guard = Guard()
+    limits: Limits = Limits()
+    # Who may POST /v1/quit on the socket; null: the broker's own user and root.
+    quit_callers: Callers | None = None
 
     @field_validator("http")
     @classmethod
@@ -126,7 +194,8 @@ class Listen(StrictModel):
             raise ValueError("the socket path contains a NUL character")
         value = resolve_path(value, info)
         try:
-            check_directory(os.path.dirname(value))
+            shared = info.data.get("unix_shared_dir", False)
+            check_directory(os.path.dirname(value), shared)
         except SocketError as exc:
             raise ValueError(str(exc)) from None
         size = len(os.fsencode(value))
@@ -314,6 +383,8 @@ class Client(StrictModel):
     client_cert: ClientCert | None = None
     sinks: tuple[Sink, ...] = ()
     on_refresh: tuple[str, ...] | None = Field(None, min_length=1)
+    # Who may take this client's token; null: any caller the guard lets in.
+    callers: Callers | None = None
 
     @field_validator("private_key", mode="before")
     @classmethod
@@ -442,6 +513,9 @@ class Config(StrictModel):
     dev_issuer: DevIssuer | None = None
     exit_when_file_exists: str | None = Field(None, min_length=1)
     watch_config: Duration | None = Field(2.0, ge=0.1)
+    # One aggregated log event per caller, client and interval.
+    audit: Bool = False
+    audit_interval: Duration = Field(60.0, ge=1.0)
 
     @field_validator("exit_when_file_exists")
     @classmethod

@@ -39,10 +39,25 @@ def _listeners(config: Config) -> list[tuple[str, str]]:
     unix = "off"
     if listen.unix is not None:
         unix = f"{listen.unix} (mode {listen.unix_mode:04o})"
+    guard = listen.guard
+    required = [name for name, on in (("http", guard.http), ("unix", guard.unix)) if on]
+    header = f"'{guard.header}: 1' on {' and '.join(required) or 'no listener'}"
+    hosts = ", ".join(("loopback names", *guard.hosts))
+    limits = listen.limits
+    rate = "no rate limit"
+    if limits.rate is not None:
+        rate = f"{limits.rate:g}/s per caller (burst {limits.burst})"
     rows = [
         ("token API (http)", _address(listen.http)),
         ("token API (unix)", unix),
         ("metrics", _address(listen.metrics)),
+        ("guard", f"{header}; Host: {hosts}"),
+        (
+            "limits",
+            f"{limits.connections} connections per listener, idle "
+            f"{limits.idle_timeout:g}s, {rate}",
+        ),
+        ("quit", _quit(config)),
     ]
     if config.dev_issuer is not None:
         rows.append(("dev issuer", _address(config.dev_issuer.listen)))
@@ -68,6 +83,7 @@ def _client_rows(config: Config, client: Client) -> list[tuple[str, str]]:
         ("auth", client.auth),
         ("encoding", client.encoding),
         ("required", "yes" if client.required else "no"),
+        ("callers", _callers(client)),
     ]
     if client.client_secret is not None:
         rows.append(("secret", client.client_secret.describe()))
@@ -94,6 +110,20 @@ def _client_rows(config: Config, client: Client) -> list[tuple[str, str]]:
         rows.append(("on_refresh", shlex.join(client.on_refresh)))
 
     return rows
+
+
+def _callers(client: Client) -> str:
+    if client.callers is None:
+        return "open: any local caller that passes the guard"
+    return client.callers.describe()
+
+
+def _quit(config: Config) -> str:
+    if config.listen.unix is None:
+        return "off (POST /v1/quit needs the Unix socket)"
+    if config.listen.quit_callers is None:
+        return "the broker's own user and root, on the Unix socket"
+    return config.listen.quit_callers.describe() + ", on the Unix socket"
 
 
 def _sink(sink: Sink) -> str:

@@ -14,6 +14,27 @@ from broker import __version__
 
 HOOK_RESULTS = ("success", "failure", "timeout", "skipped")
 RELOAD_RESULTS = ("applied", "unchanged", "refused", "failed")
+# What each listener can refuse for; their series start at zero.
+_REFUSALS_EVERYWHERE = ("too_many_connections",)
+_REFUSALS_API = (
+    *_REFUSALS_EVERYWHERE,
+    "missing_header",
+    "caller_not_allowed",
+    "rate_limited",
+    "too_large",
+)
+REFUSALS = {
+    "tcp": (
+        *_REFUSALS_API,
+        "host",
+        "forwarded",
+        "browser",
+        "cors_preflight",
+        "unix_only",
+    ),
+    "unix": _REFUSALS_API,
+    "metrics": _REFUSALS_EVERYWHERE,
+}
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -49,8 +70,16 @@ class Metrics:
         )
         self.requests = Counter(
             "token_broker_token_requests",
-            "Token requests served to local callers, by listener and result.",
-            ["client", "listener", "result"],
+            "Token requests served to local callers, by listener, result and "
+            "the caller rule that let them in (any for a client without callers).",
+            ["client", "listener", "result", "caller"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "token_broker_requests_refused",
+            "Requests and connections refused by the caller guard, the clients' "
+            "callers and the limits, by listener and reason.",
+            ["listener", "reason"],
             registry=self.registry,
         )
         self.clock_skew = Gauge(
@@ -134,9 +163,24 @@ class Metrics:
         if gauges:
             self.failures.labels(client).set(failures)
 
-    def served(self, client: str, listener: str, result: str) -> None:
-        """Count one token handed out (or refused) to a local caller."""
-        self.requests.labels(client, listener, result).inc()
+    def served(
+        self, client: str, listener: str, result: str, caller: str = "any"
+    ) -> None:
+        """Count one token handed out (or not) to a local caller.
+
+        ``caller`` is the rule of the client's ``callers`` that matched
+        (``uid:1000``, ``key:billing``): bounded by the config.
+        """
+        self.requests.labels(client, listener, result, caller).inc()
+
+    def add_listener(self, listener: str) -> None:
+        """Create a listener's refusal series at zero (tcp, unix or metrics)."""
+        for reason in REFUSALS[listener]:
+            self.refused.labels(listener, reason)
+
+    def refusal(self, listener: str, reason: str) -> None:
+        """Count one request or connection refused on ``listener``."""
+        self.refused.labels(listener, reason).inc()
 
     def upstream_response(self, client: str, status: int) -> None:
         """Count one HTTP answer an issuer gave to a token request."""

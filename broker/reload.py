@@ -51,6 +51,9 @@ class ReloadResult:
     restart_keys: tuple[str, ...] = ()
 
 
+_LIVE_LISTEN_KEYS = ("guard", "quit_callers")
+
+
 def diff(old: Config, new: Config) -> Plan:
     """Sort the clients of ``old`` and ``new`` by what a reload must do.
 
@@ -74,7 +77,9 @@ def diff(old: Config, new: Config) -> Plan:
 
 
 def _same_client(old: Config, new: Config, name: str) -> bool:
-    before, after = old.clients[name], new.clients[name]
+    # Callers are read per request: a change to them alone needs no new token.
+    before = old.clients[name].model_copy(update={"callers": None})
+    after = new.clients[name].model_copy(update={"callers": None})
     environment_before = old.environments[before.environment]
     environment_after = new.environments[after.environment]
 
@@ -89,17 +94,20 @@ def restart_keys(old: Config, new: Config) -> tuple[str, ...]:
     """The changed keys that only a restart can apply, as dotted key paths.
 
     The listeners are bound, the embedded issuer is serving, and the exit
-    file is watched from the start; the rest of the file can be reloaded.
+    file and the audit run from the start; the rest of the file can be
+    reloaded. The guard and quit_callers are read per request.
     """
     keys = [
         f"listen.{key}"
         for key in Listen.model_fields
-        if getattr(old.listen, key) != getattr(new.listen, key)
+        if key not in _LIVE_LISTEN_KEYS
+        and getattr(old.listen, key) != getattr(new.listen, key)
     ]
-    if old.dev_issuer != new.dev_issuer:
-        keys.append("dev_issuer")
-    if old.exit_when_file_exists != new.exit_when_file_exists:
-        keys.append("exit_when_file_exists")
+    keys += [
+        key
+        for key in ("dev_issuer", "exit_when_file_exists", "audit", "audit_interval")
+        if getattr(old, key) != getattr(new, key)
+    ]
 
     return tuple(keys)
 

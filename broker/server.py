@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -13,10 +14,19 @@ import structlog
 from aiohttp import web
 
 from broker import __version__, api, metrics_app, unixsock
+from broker.audit import Audit
 from broker.clock import SystemClock
 from broker.config import Config
 from broker.issuer import IssuerClient, skew_observer
+from broker.limits import (
+    Gate,
+    GatedSockSite,
+    GatedTCPSite,
+    raise_descriptor_limit,
+    runner_options,
+)
 from broker.metrics import Metrics
+from broker.ratelimit import RateLimiter
 from broker.registry import Registry, issuer_fetch
 from broker.reload import Reloader, Source
 from broker.scoped import ScopedTokens, builder
@@ -81,7 +91,22 @@ async def serve(
         stack.callback(scoped.close)
         listeners = Listeners()
         stack.push_async_callback(_close_listeners, listeners, config)
-        await _listen(config, registry, metrics, clock, listeners, scoped, stop)
+        audit = Audit(config.audit_interval, clock.wall) if config.audit else None
+        if audit is not None:
+            # Flushed last, after the listeners drained: the final tallies count.
+            flusher = asyncio.create_task(audit.run(), name="audit")
+            stack.push_async_callback(_cancelled, flusher)
+        apis = partial(
+            api.create_app,
+            registry,
+            metrics,
+            clock,
+            scoped=scoped,
+            stop=stop,
+            audit=audit,
+            limiter=_limiter(config, clock),
+        )
+        await _listen(config, metrics, registry, apis, listeners)
 
         registry.start()
         background = [asyncio.create_task(clock.watch_suspend(), name="suspend")]
@@ -161,46 +186,59 @@ async def _exit_when_file_exists(path: str, stop: asyncio.Event) -> None:
     stop.set()
 
 
+def _limiter(config: Config, clock: SystemClock) -> RateLimiter | None:
+    limits = config.listen.limits
+    if limits.rate is None:
+        return None
+    return RateLimiter(limits.rate, limits.burst, clock.now)
+
+
 async def _listen(
     config: Config,
-    registry: Registry,
     metrics: Metrics,
-    clock: SystemClock,
+    registry: Registry,
+    apis: Callable[..., web.Application],
     listeners: Listeners,
-    scoped: ScopedTokens,
-    stop: asyncio.Event,
 ) -> None:
     listen = config.listen
-    drain = listen.drain_timeout
+    limits = listen.limits
+    raise_descriptor_limit(limits.connections * 3 + 64)
 
     async def runner_for(app: web.Application) -> web.AppRunner:
-        runner = web.AppRunner(app, shutdown_timeout=drain)
+        runner = web.AppRunner(
+            app, shutdown_timeout=listen.drain_timeout, **runner_options(limits)
+        )
         await runner.setup()
         listeners.runners.append(runner)
         return runner
 
+    def gate(listener: str) -> Gate:
+        metrics.add_listener(listener)
+        return Gate(limits.connections, partial(_too_many, metrics, listener))
+
     if listen.http is not None:
-        app = api.create_app(
-            registry, metrics, clock, listener="tcp", scoped=scoped, stop=stop
-        )
-        runner = await runner_for(app)
-        site = web.TCPSite(runner, listen.http.host, listen.http.port)
-        await site.start()
+        runner = await runner_for(apis(listener="tcp"))
+        http = listen.http
+        await GatedTCPSite(runner, http.host, http.port, gate("tcp")).start()
         listeners.http = _bound(runner)
     if listen.unix is not None:
-        sock, identity = unixsock.bind(listen.unix, listen.unix_mode, listen.unix_group)
+        sock, identity = unixsock.bind(
+            listen.unix, listen.unix_mode, listen.unix_group, listen.unix_shared_dir
+        )
         listeners.socket_identity = identity
         listeners.unix = listen.unix
-        app = api.create_app(
-            registry, metrics, clock, listener="unix", scoped=scoped, stop=stop
-        )
-        runner = await runner_for(app)
-        await web.SockSite(runner, sock).start()
+        runner = await runner_for(apis(listener="unix"))
+        await GatedSockSite(runner, sock, gate("unix")).start()
     if listen.metrics is not None:
         runner = await runner_for(metrics_app.create_app(registry, metrics))
-        site = web.TCPSite(runner, listen.metrics.host, listen.metrics.port)
-        await site.start()
+        address = listen.metrics
+        await GatedTCPSite(runner, address.host, address.port, gate("metrics")).start()
         listeners.metrics = _bound(runner)
+
+
+def _too_many(metrics: Metrics, listener: str) -> None:
+    # No log line per connection: a flood would flood the log too.
+    metrics.refusal(listener, "too_many_connections")
 
 
 def _bound(runner: web.AppRunner) -> str:

@@ -21,7 +21,7 @@ Identity = tuple[int, int]
 
 
 def bind(
-    path: str, mode: int, group: int | None = None
+    path: str, mode: int, group: int | None = None, shared_dir: bool = False
 ) -> tuple[socket.socket, Identity]:
     """Listen at ``path`` with ``mode``; return the socket and its identity.
 
@@ -29,10 +29,11 @@ def bind(
     wider mode than owner-only, then widened to ``mode`` (group access at
     most) and given to ``group`` if set. A stale socket of a dead broker is
     replaced; a live one, or any other kind of file, is left alone and
-    reported. The directory must not let other users swap the socket.
+    reported. The directory must not let other users swap the socket,
+    unless ``shared_dir`` says its writers are trusted.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    check_directory(directory)
+    check_directory(directory, shared_dir)
     _clear_stale(path)
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -61,12 +62,14 @@ def bind(
     return sock, _identity(path)
 
 
-def check_directory(directory: str) -> None:
+def check_directory(directory: str, shared: bool = False) -> None:
     """Refuse a directory where another user could replace the socket.
 
     In a world-writable directory without the sticky bit (``/tmp`` has it),
     anyone may delete our socket and put their own, or a symlink, in its
-    place; callers would then hand their requests to an impostor.
+    place; callers would then hand their requests to an impostor. With
+    ``shared`` that is accepted: a Kubernetes emptyDir is such a directory,
+    but only the pod's own containers can write to it.
     """
     try:
         info = os.stat(directory)
@@ -76,10 +79,11 @@ def check_directory(directory: str) -> None:
         ) from None
     if not stat.S_ISDIR(info.st_mode):
         raise SocketError(f"{directory} is not a directory")
-    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX and not shared:
         raise SocketError(
             f"{directory} is writable by every user and has no sticky bit, so "
-            "another user could replace the socket; use a private directory"
+            "another user could replace the socket; use a private directory, or "
+            "set listen.unix_shared_dir if only trusted processes can write to it"
         )
 
 

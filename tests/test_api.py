@@ -314,8 +314,8 @@ async def test_served_requests_are_counted(
 
     assert scrape.headers["Cache-Control"] == "no-store"
     assert (
-        'token_broker_token_requests_total{client="chat",listener="unix",'
-        'result="ok"} 3.0'
+        'token_broker_token_requests_total{caller="any",client="chat",'
+        'listener="unix",result="ok"} 3.0'
     ) in text
     assert "auto-1" not in text
 

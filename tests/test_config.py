@@ -498,7 +498,7 @@ def test_interpolated_text_is_validated_as_the_key_type() -> None:
             "listen",
             {"bogus": 1},
             "listen.bogus",
-            "http, unix, unix_mode, unix_group, metrics",
+            "http, unix_shared_dir, unix, unix_mode, unix_group, metrics",
         ),
         ("refresh", {"bogus": 1}, "refresh.bogus", "at, before, jitter, margin"),
         (

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from broker.guard import HEADER, REFUSALS, refusal
+from broker.config import Guard
+from broker.guard import HEADER, REFUSALS, message, refusal
 
 GOOD = {"Host": "127.0.0.1:8181", HEADER: "1"}
 
@@ -135,6 +136,71 @@ def test_every_refusal_has_an_explanation() -> None:
         refusal(headers(**{HEADER: None})),
         refusal(headers(Host="example.com")),
         refusal(headers(("Forwarded", "for=x"))),
+        refusal(headers(("Access-Control-Request-Method", "GET")), method="OPTIONS"),
+        refusal(headers(("Origin", "https://evil.example"))),
     }
 
     assert seen == set(REFUSALS)
+    assert all(message(reason) for reason in REFUSALS)
+
+
+def test_a_cors_preflight_is_refused() -> None:
+    """An OPTIONS preflight gets no CORS grant: it is refused outright."""
+    preflight = headers(
+        ("Origin", "https://evil.example"), ("Access-Control-Request-Method", "GET")
+    )
+
+    assert refusal(preflight, method="OPTIONS") == "cors_preflight"
+
+
+@pytest.mark.parametrize(
+    "browser",
+    [
+        ("Origin", "http://localhost:8181"),
+        ("Origin", "null"),
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Sec-Fetch-Mode", "cors"),
+        ("Sec-Fetch-Dest", "empty"),
+    ],
+)
+def test_requests_made_by_a_browser_are_refused(browser: tuple[str, str]) -> None:
+    """A browser marks its requests; even a same-origin page is refused."""
+    assert refusal(headers(browser)) == "browser"
+
+
+def test_the_header_name_is_configurable() -> None:
+    """With another header name, that header is required and the old one
+    does not count."""
+    policy = Guard(header="X-Local-Token")
+
+    assert refusal(headers(), policy=policy) == "missing_header"
+    assert refusal(headers(("X-Local-Token", "1")), policy=policy) is None
+    assert "X-Local-Token: 1" in message("missing_header", policy)
+
+
+def test_the_header_can_be_dropped_on_tcp() -> None:
+    """http: false lets requests without the header in; the rest still holds."""
+    policy = Guard(http=False)
+
+    assert refusal(headers(**{HEADER: None}), policy=policy) is None
+    assert refusal(headers(Host="example.com", **{HEADER: None}), policy=policy) == (
+        "host"
+    )
+
+
+def test_configured_host_names_are_let_in() -> None:
+    """hosts adds names to the loopback ones, in any case, with any port."""
+    policy = Guard(hosts=("broker.local",))
+
+    assert refusal(headers(Host="Broker.Local:8181"), policy=policy) is None
+    assert refusal(headers(Host="broker.local.evil.example"), policy=policy) == "host"
+    assert refusal(headers(Host="broker.local")) == "host"
+
+
+def test_the_socket_checks_only_the_header_and_only_if_asked() -> None:
+    """On the socket, Host and proxy headers are not checked (nginx may relay
+    there); the header is required only with unix: true."""
+    relayed = headers(("X-Forwarded-For", "10.1.1.1"), Host="app", **{HEADER: None})
+
+    assert refusal(relayed, tcp=False) is None
+    assert refusal(relayed, tcp=False, policy=Guard(unix=True)) == "missing_header"

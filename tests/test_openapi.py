@@ -180,6 +180,7 @@ def test_reason_codes_match_the_code(document: dict[str, Any]) -> None:
         "scope_not_allowed",
         "audience_not_allowed",
         "unix_only",
+        "caller_not_allowed",
     }
     failures = set(schemas["FailureReason"]["enum"])
     assert failures == set(grant.REASONS) | OTHER_FAILURES

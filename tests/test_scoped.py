@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -19,6 +20,7 @@ from broker.registry import Registry
 from broker.scoped import ScopedTokens, Variant, normalise
 from broker.status import table
 from tests.fakes import FakeClock, ScriptedFetch, settle
+from tests.sockets import unix_session
 
 CONFIG = """
 environments:
@@ -229,15 +231,17 @@ async def test_forced_refresh_of_a_subset(setup: Setup, unix: Client) -> None:
 
 
 async def test_quit_works_only_on_the_socket(
-    setup: Setup, unix: Client, aiohttp_client: AiohttpClient
+    setup: Setup, aiohttp_client: AiohttpClient, workdir: Path
 ) -> None:
     """POST /v1/quit over the socket stops the broker; over TCP it is 403."""
     tcp = await aiohttp_client(setup.app("tcp"))
 
     refused = await tcp.post("/v1/quit", headers={"Token-Broker": "1"})
     assert refused.status == 403
+    assert (await refused.json())["reason"] == "unix_only"
     assert not setup.stop.is_set()
-    accepted = await unix.post("/v1/quit")
+    async with unix_session(setup.app("unix"), workdir / "b.sock") as unix:
+        accepted = await unix.post("/v1/quit")
 
     assert accepted.status == 202
     assert setup.stop.is_set()
