@@ -85,6 +85,8 @@ def _why(callers: Callers, caller: Caller) -> str:
             "this client serves only callers on the Unix socket with an allowed "
             "uid or gid"
         )
+    hint = "send this client's caller key as 'Authorization: Bearer <key>'"
     if caller.peer is None:
-        return "send this client's caller key as 'Authorization: Bearer <key>'"
-    return f"{caller.describe()} is not among this client's callers"
+        return hint
+    refused = f"{caller.describe()} is not among this client's callers"
+    return f"{refused}; {hint}" if callers.keys else refused

@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     _broker_address(token)
     token.add_argument("--format", choices=["raw", "json", "header"], default="raw")
     token.add_argument("--min-ttl", type=float, help="seconds the token must live")
+    token.add_argument(
+        "--key-file",
+        default=os.environ.get("TOKEN_BROKER_KEY_FILE"),
+        help="send the caller key in this file (a client with callers: keys); "
+        "default $TOKEN_BROKER_KEY_FILE",
+    )
 
     status = command("status", _status, "show each client's state in a running broker")
     _broker_address(status)
@@ -274,11 +280,24 @@ def _token(args: argparse.Namespace) -> int:
     socket_path = _socket_of(args)
     if isinstance(socket_path, int):
         return socket_path
+    key = None
+    if args.key_file:
+        from broker.callers import read_keys
+
+        try:
+            key = read_keys(args.key_file)[0]
+        except ValueError as exc:
+            print(f"token-broker: {exc}", file=sys.stderr)
+            return USAGE
 
     try:
         answer = asyncio.run(
             ask_token(
-                args.client, socket_path=socket_path, url=args.url, min_ttl=args.min_ttl
+                args.client,
+                socket_path=socket_path,
+                url=args.url,
+                min_ttl=args.min_ttl,
+                key=key,
             )
         )
     except BrokerUnreachable as exc:

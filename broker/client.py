@@ -32,12 +32,19 @@ async def ask_token(
     url: str | None = None,
     min_ttl: float | None = None,
     timeout: float = 15.0,
+    key: str | None = None,
 ) -> Answer:
-    """GET the client's token as JSON over the socket or the TCP URL."""
+    """GET the client's token as JSON over the socket or the TCP URL.
+
+    ``key`` is a caller key, for a client whose ``callers`` list keys.
+    """
     params = {} if min_ttl is None else {"min_ttl": f"{min_ttl:g}"}
     path = f"/v1/tokens/{quote(client, safe='')}"
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
 
-    return await ask(path, params, socket_path=socket_path, url=url, timeout=timeout)
+    return await ask(
+        path, params, socket_path=socket_path, url=url, timeout=timeout, headers=headers
+    )
 
 
 async def ask(
@@ -47,6 +54,7 @@ async def ask(
     socket_path: str | None = None,
     url: str | None = None,
     timeout: float = 15.0,
+    headers: dict[str, str] | None = None,
 ) -> Answer:
     """GET ``path`` from a running broker over its socket or its TCP URL."""
     base = url.rstrip("/") if url else "http://localhost"
@@ -64,7 +72,7 @@ async def ask(
             session.get(
                 f"{base}{path}",
                 params=params or {},
-                headers={HEADER: "1", "Accept": "application/json"},
+                headers={HEADER: "1", "Accept": "application/json", **(headers or {})},
                 allow_redirects=False,
             ) as response,
         ):

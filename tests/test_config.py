@@ -1619,6 +1619,96 @@ def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     assert error.key_path == "listen.unix"
 
 
+def test_a_shared_socket_directory_is_accepted_when_declared(tmp_path: Path) -> None:
+    """unix_shared_dir: true accepts such a directory (a Kubernetes emptyDir)."""
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    listen = {"unix_shared_dir": True, "unix": str(open_dir / "b.sock")}
+
+    assert config(with_section("listen", listen)).listen.unix_shared_dir is True
+
+
+@pytest.mark.parametrize(
+    ("guard", "key_path", "reason"),
+    [
+        ({"header": "Authorization"}, "listen.guard.header", "standard HTTP header"),
+        ({"header": "host"}, "listen.guard.header", "standard HTTP header"),
+        ({"header": "Token Broker"}, "listen.guard.header", "pattern"),
+        ({"header": ""}, "listen.guard.header", "pattern"),
+        ({"hosts": ["broker.local:8181"]}, "listen.guard.hosts", "no port"),
+        ({"hosts": ["http://broker.local"]}, "listen.guard.hosts", "no port"),
+        ({"http": "yes"}, "listen.guard.http", "true or false"),
+        ({"cors": True}, "listen.guard.cors", "unknown key"),
+    ],
+)
+def test_bad_guard_settings_are_refused(
+    guard: dict[str, Any], key_path: str, reason: str
+) -> None:
+    """The guard's header must be a name of its own; hosts are bare names."""
+    error = refused(with_section("listen", {"guard": guard}), reason)
+
+    assert error.key_path == key_path
+
+
+def test_guard_settings_are_read() -> None:
+    """A renamed header, optional on TCP, required on the socket, extra hosts."""
+    guard = {"header": "X-Local", "http": False, "unix": True, "hosts": ["B.Local"]}
+
+    read = config(with_section("listen", {"guard": guard})).listen.guard
+
+    assert (read.header, read.http, read.unix, read.hosts) == (
+        "X-Local",
+        False,
+        True,
+        ("b.local",),
+    )
+
+
+@pytest.mark.parametrize(
+    ("limits", "key_path"),
+    [
+        ({"connections": 0}, "listen.limits.connections"),
+        ({"header_bytes": 100}, "listen.limits.header_bytes"),
+        ({"headers": 1000}, "listen.limits.headers"),
+        ({"idle_timeout": "0s"}, "listen.limits.idle_timeout"),
+        ({"rate": 0}, "listen.limits.rate"),
+        ({"rate": True}, "listen.limits.rate"),
+        ({"burst": 0}, "listen.limits.burst"),
+    ],
+)
+def test_bad_limits_are_refused(limits: dict[str, Any], key_path: str) -> None:
+    """Limits that would refuse everything (or nothing sensible) are errors."""
+    error = refused(
+        with_section("listen", {"limits": limits}), "must be|expected a number"
+    )
+
+    assert error.key_path == key_path
+
+
+def test_the_rate_limit_can_be_turned_off() -> None:
+    """rate: null serves callers at any rate."""
+    listen = config(with_section("listen", {"limits": {"rate": None}})).listen
+
+    assert listen.limits.rate is None
+    assert listen.limits.connections == 1024
+
+
+def test_quit_callers_and_audit_are_read() -> None:
+    """quit_callers takes the callers shape; audit_interval is at least 1s."""
+    data = with_section("listen", {"quit_callers": {"uids": ["root"]}})
+    data["audit"] = True
+    data["audit_interval"] = "5m"
+
+    read = config(data)
+
+    assert read.listen.quit_callers is not None
+    assert read.listen.quit_callers.uids == (0,)
+    assert (read.audit, read.audit_interval) == (True, 300.0)
+    error = refused({**minimal(), "audit_interval": "500ms"}, "must be at least 1")
+    assert error.key_path == "audit_interval"
+
+
 def test_a_token_file_may_not_overwrite_a_file_the_broker_reads(
     tmp_path: Path,
 ) -> None:

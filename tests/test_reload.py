@@ -161,6 +161,28 @@ def test_restart_keys_name_listeners_dev_issuer_and_exit_file() -> None:
     assert restart_keys(old, config(BASE, log={"level": "error"})) == ()
 
 
+def test_guard_and_quit_callers_reload_but_limits_and_audit_need_a_restart() -> None:
+    """The guard and quit_callers are read per request; the limits are bound
+    into the listeners and the audit runs from the start."""
+    old = config(BASE)
+    live = config(
+        BASE,
+        listen={"guard": {"header": "X-Local"}, "quit_callers": {"uids": [0]}},
+    )
+    bound = config(BASE, listen={"limits": {"connections": 10}}, audit=True)
+
+    assert restart_keys(old, live) == ()
+    assert restart_keys(old, bound) == ("listen.limits", "audit")
+
+
+def test_a_change_of_callers_alone_keeps_the_client() -> None:
+    """callers are read per request, so changing them fetches no new token."""
+    old = config({"chat": spec()})
+    new = config({"chat": spec(callers={"uids": [0]})})
+
+    assert diff(old, new) == Plan(kept=("chat",))
+
+
 def test_every_reload_result_has_a_series() -> None:
     """The counter starts every result the reloader reports at zero."""
     metrics = Metrics()
