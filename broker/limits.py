@@ -14,7 +14,7 @@ import json
 import resource
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -75,9 +75,10 @@ class _Gated(asyncio.Protocol):
         gate = self._gate
         if gate.open >= gate.cap:
             # An answer the caller can read beats a reset it cannot explain.
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(_REFUSAL)
-            transport.close()
+            # (uvloop's transports are not asyncio's classes, but write alike.)
+            writer = cast(asyncio.WriteTransport, transport)
+            writer.write(_REFUSAL)
+            writer.close()
             gate._on_refused()
             return
 

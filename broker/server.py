@@ -89,13 +89,14 @@ async def serve(
         # an embedded issuer) still run to answer requests in flight.
         stack.push_async_callback(registry.stop)
         stack.callback(scoped.close)
-        listeners = Listeners()
-        stack.push_async_callback(_close_listeners, listeners, config)
         audit = Audit(config.audit_interval, clock.wall) if config.audit else None
         if audit is not None:
-            # Flushed last, after the listeners drained: the final tallies count.
+            # Registered before the listeners, so unwound after they drained:
+            # the last round counts the hand-outs of the drain too.
             flusher = asyncio.create_task(audit.run(), name="audit")
             stack.push_async_callback(_cancelled, flusher)
+        listeners = Listeners()
+        stack.push_async_callback(_close_listeners, listeners, config)
         apis = partial(
             api.create_app,
             registry,

@@ -320,7 +320,7 @@ async def test_the_audit_names_callers_never_keys(setup: Setup) -> None:
     assert events["open", "ok"]["pids"] == [os.getpid()]
     assert events["theirs", "refused"]["count"] == 1
     assert events["keyed", "ok"]["caller"] == "key:billing"
-    assert events["keyed", "ok"]["key"] == "billing"
+    assert events["keyed", "ok"]["key_name"] == "billing"
     assert events["keyed", "ok"]["uid"] == uid
     assert all(e["event"] == "audit.tokens_served" for e in logs)
     assert KEY not in repr(logs)

@@ -5,14 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient
 
+from broker import api, logs
+from broker.clock import SystemClock
+from broker.issuer import IssuerClient
+from broker.loader import load_text
+from broker.metrics import Metrics
+from broker.refresh import Refresher
+from broker.registry import Registry, issuer_fetch
+from broker.secret import MASK
+from broker.token import Token
+from broker.transport import client_session
 from tests import process
 from tests.process import run_cli
 
@@ -160,3 +175,134 @@ async def test_config_errors_never_show_the_secret(workdir: Path) -> None:
         assert code == 2
         assert "clients.c.client_secret" in err
         assert GOOD not in out + err
+
+
+CRASH_SECRET = "crash-secret-Lm47vNq2"
+# Opaque, not a JWT: only the chain's memory of held tokens can mask it.
+CRASH_TOKEN = "opaque-token-Vb58wQe3Xz"
+CALLER_KEY = "caller-key-Jr29sUd5Kc"
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """The broker's log chain at debug, as JSON lines into a buffer, undone after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    access = logging.getLogger("aiohttp.access")
+    access_level = access.level
+    out = io.StringIO()
+    logs.configure(level="debug", fmt="json", stream=out)
+
+    yield out
+
+    structlog.reset_defaults()
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    access.setLevel(access_level)
+
+
+@pytest.fixture
+async def opaque_issuer() -> AsyncIterator[TestServer]:
+    """An issuer that hands out one opaque token."""
+
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": CRASH_TOKEN, "expires_in": 600})
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+async def test_a_crashing_handler_leaks_neither_secret_nor_token(
+    aiohttp_client: AiohttpClient,
+    opaque_issuer: TestServer,
+    captured_logs: io.StringIO,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception carrying the secret and the token, raised inside a request
+    handler, gives a 500 internal_error and a debug log with both masked."""
+    config = load_text(
+        f"""
+environments: {{dev: {{token_url: "http://127.0.0.1:{opaque_issuer.port}/token"}}}}
+clients:
+  chat: {{environment: dev, client_id: crash, client_secret: {CRASH_SECRET}}}
+""",
+        "crash.yaml",
+        {},
+    ).config
+    clock = SystemClock()
+    metrics = Metrics()
+    guard = {"Token-Broker": "1"}
+    crash = RuntimeError(
+        f"refresher failed holding {CRASH_SECRET} and {CRASH_TOKEN}",
+        CRASH_SECRET,
+        CRASH_TOKEN,
+    )
+
+    async def crashing_get(self: Refresher, min_ttl: float = 0.0) -> Token:
+        raise crash
+
+    async with client_session() as session:
+        registry = Registry(
+            config,
+            issuer_fetch(IssuerClient(session), config),
+            clock=clock,
+            metrics=metrics,
+        )
+        app = api.create_app(registry, metrics, clock, listener="tcp")
+        client = await aiohttp_client(app)
+        try:
+            registry.start()
+            async with client.get("/v1/tokens/chat?format=raw", headers=guard) as r:
+                assert (r.status, await r.text()) == (200, CRASH_TOKEN)
+            monkeypatch.setattr(Refresher, "get", crashing_get)
+            async with client.get("/v1/tokens/chat", headers=guard) as r:
+                status, answer = r.status, await r.text()
+        finally:
+            await registry.stop()
+
+    assert status == 500
+    assert json.loads(answer)["error"] == "internal_error"
+    text = captured_logs.getvalue()
+    [crashed] = [
+        json.loads(line) for line in text.splitlines() if '"api.crashed"' in line
+    ]
+    assert crashed["path"] == "/v1/tokens/chat"
+    assert "RuntimeError: " in crashed["exception"]
+    assert MASK in crashed["exception"]
+    for needle in (CRASH_SECRET, CRASH_TOKEN, repr(crash), str(crash)):
+        assert needle not in text
+        assert needle not in answer
+
+
+def test_a_config_with_caller_keys_never_shows_a_key(workdir: Path) -> None:
+    """A loaded config's repr names caller key files, never the keys in them."""
+    key_file = workdir / "app.key"
+    key_file.write_text(CALLER_KEY + "\n")
+    config = load_text(
+        f"""
+environments: {{p: {{token_url: "https://auth.example.com/token"}}}}
+clients:
+  chat:
+    environment: p
+    client_id: c
+    client_secret: {CRASH_SECRET}
+    callers: {{keys: [{{name: app, file: {key_file}}}]}}
+""",
+        str(workdir / "broker.yaml"),
+        {},
+    ).config
+    callers = config.clients["chat"].callers
+    assert callers is not None
+
+    shown = [repr(config), str(config), repr(callers), callers.describe()]
+
+    assert str(key_file) in repr(callers)
+    for text in shown:
+        assert CALLER_KEY not in text
+        assert CRASH_SECRET not in text
