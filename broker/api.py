@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -18,7 +19,7 @@ from broker.clock import Clock
 from broker.config import Client
 from broker.errors import TokenUnavailable
 from broker.metrics import Metrics
-from broker.ratelimit import RateLimiter, retry_after
+from broker.ratelimit import RateLimiter, Throttle, retry_after
 from broker.refresh import Refresher
 from broker.registry import Registry
 from broker.scoped import ScopedTokens, Variant, normalise
@@ -36,8 +37,13 @@ SCOPED = web.AppKey("scoped", ScopedTokens)
 STOP = web.AppKey("stop", asyncio.Event)
 AUDIT = web.AppKey("audit", Audit)
 LIMITER = web.AppKey("limiter", RateLimiter)
+THROTTLE = web.AppKey("throttle", Throttle)
+# One api.refused line per reason and client in this time, at most.
+REFUSAL_LOG_INTERVAL = 10.0
 
 _TOKEN_PARAMS = frozenset({"format", "min_ttl", "scope", "audience"})
+# Plain decimal seconds: float() alone would take "1_000", "inf" or Arabic-Indic digits.
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?", re.ASCII)
 # No route takes a body; a small one (a client's habitual "{}") is ignored.
 MAX_BODY = 4096
 
@@ -107,17 +113,22 @@ def refuse(
     reason: str,
     client: str | None = None,
 ) -> web.Response:
-    """A refusal: logged as ``api.refused``, counted, answered as JSON."""
+    """A refusal: counted, answered as JSON, and logged as ``api.refused``
+    (at most once per reason and client every few seconds: a caller in a
+    loop must not flood the log; ``suppressed`` says how many were not)."""
     listener = request.app[LISTENER]
-    log.warning(
-        "api.refused",
-        listener=listener,
-        reason=reason,
-        method=request.method,
-        path=request.path[:200],
-        client=client,
-    )
     request.app[METRICS].refusal(listener, reason)
+    suppressed = request.app[THROTTLE].admit((reason, client))
+    if suppressed is not None:
+        log.warning(
+            "api.refused",
+            listener=listener,
+            reason=reason,
+            method=request.method,
+            path=request.path[:200],
+            client=client,
+            suppressed=suppressed,
+        )
     code = "rate_limited" if status == 429 else "forbidden"
     if status == 413:
         code = "invalid_request"
@@ -152,6 +163,7 @@ def create_app(
     app[METRICS] = metrics
     app[CLOCK] = clock
     app[LISTENER] = listener
+    app[THROTTLE] = Throttle(REFUSAL_LOG_INTERVAL, clock.now)
     if scoped is not None:
         app[SCOPED] = scoped
     if stop is not None:
@@ -265,6 +277,12 @@ async def _take(
     if variant is not None:
         if SCOPED not in request.app:
             return error(400, "invalid_request", "not served here", name)
+        wait = request.app[SCOPED].admit(name, variant)
+        if wait:
+            message = "too many new scope sets for this client; ask again later"
+            answer = refuse(request, 429, message, "too_many_scope_sets", name)
+            answer.headers["Retry-After"] = retry_after(wait)
+            return answer
         refresher = request.app[SCOPED].refresher(name, variant)
     metrics = request.app[METRICS]
     try:
@@ -364,13 +382,8 @@ def _check_query(request: web.Request) -> str | None:
         return f"unknown query parameter {unknown[0]!r}"
     if query.get("format", "json") not in ("json", "raw"):
         return "format must be json or raw"
-    if "min_ttl" in query:
-        try:
-            min_ttl = float(query["min_ttl"])
-        except ValueError:
-            return "min_ttl must be a number of seconds"
-        if not 0 <= min_ttl < math.inf:
-            return "min_ttl must be a number of seconds"
+    if "min_ttl" in query and not _SECONDS.fullmatch(query["min_ttl"]):
+        return "min_ttl must be a number of seconds"
     return None
 
 

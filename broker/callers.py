@@ -14,15 +14,17 @@ import hashlib
 import hmac
 import os
 import pwd
+import re
 import socket
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from broker.fields import StrictModel, resolve_path
+from broker.redact import remember_secret
 
 log = structlog.get_logger("broker.callers")
 
@@ -30,6 +32,8 @@ log = structlog.get_logger("broker.callers")
 # API; 16 characters of a random token are far beyond that.
 MIN_KEY_LENGTH = 16
 MAX_KEY_FILE_BYTES = 64 * 1024
+# Visible ASCII: what a header carries unchanged, and the log chain masks.
+_KEY = re.compile(rf"[\x21-\x7e]{{{MIN_KEY_LENGTH},}}")
 # Linux: the peer's supplementary groups (SO_PEERGROUPS, since 4.13).
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _MAX_GROUPS = 256
@@ -114,7 +118,7 @@ class Caller:
 
     listener: str
     peer: Peer | None
-    bearer: str | None
+    bearer: str | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """Who this is, for a refusal message: never the key."""
@@ -198,19 +202,23 @@ def read_keys(path: str) -> tuple[str, ...]:
     if len(data) > MAX_KEY_FILE_BYTES:
         raise ValueError(f"the caller key file {path} is too large")
     try:
-        text = data.decode("utf-8")
+        # utf-8-sig: an editor's byte-order mark is not part of the first key.
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ValueError(f"the caller key file {path} is not UTF-8 text") from None
 
     keys = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not keys:
         raise ValueError(f"the caller key file {path} holds no key")
-    for key in keys:
-        if len(key) < MIN_KEY_LENGTH or not key.isprintable() or " " in key:
+    for number, key in enumerate(keys, 1):
+        if not _KEY.fullmatch(key):
             raise ValueError(
-                f"a key in {path} is shorter than {MIN_KEY_LENGTH} characters or "
-                "has spaces or control characters"
+                f"key {number} in {path} is not a caller key: use {MIN_KEY_LENGTH} "
+                "or more visible ASCII characters, no spaces"
             )
+        # Any log line that quotes a request (a malformed one, say) shows
+        # the key masked.
+        remember_secret(key)
     return keys
 
 
@@ -232,7 +240,15 @@ class _KeyCache:
             info = os.stat(path)
         except OSError:
             return self._unusable(path, "the file cannot be read")
-        signature = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+        # ctime too: a chmod or chown that makes the file unreadable
+        # changes nothing else, and must not leave its keys working.
+        signature = (
+            info.st_dev,
+            info.st_ino,
+            info.st_mtime_ns,
+            info.st_ctime_ns,
+            info.st_size,
+        )
 
         cached = self._entries.get(path)
         if cached is not None and cached[0] == signature:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import resource
 import socket
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any, cast
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from broker.config import Limits
 
@@ -40,14 +42,47 @@ _REFUSAL = (
 )
 
 
-def runner_options(limits: Limits) -> dict[str, Any]:
-    """aiohttp's per-connection bounds, from the ``listen.limits`` block."""
+# How long an unread request body is drained after the answer, so the
+# caller reads the answer rather than a reset; short, or a caller that
+# promises a body and never sends it would hold the connection.
+LINGER = 1.0
+
+
+def runner_options(
+    limits: Limits, listener: str, on_bad_request: Callable[[], None]
+) -> dict[str, Any]:
+    """aiohttp's per-connection bounds, from the ``listen.limits`` block.
+
+    Requests aiohttp's parser rejects (400) are counted with
+    ``on_bad_request`` and never logged: the traceback aiohttp writes for
+    them quotes the raw request, headers (and caller keys) included.
+    """
+    logger = logging.getLogger(f"broker.http.{listener}")
+    if not any(isinstance(f, _BadRequests) for f in logger.filters):
+        logger.addFilter(_BadRequests(on_bad_request))
     return {
         "keepalive_timeout": limits.idle_timeout,
         "max_line_size": limits.header_bytes,
         "max_field_size": limits.header_bytes,
         "max_headers": limits.headers,
+        "lingering_time": min(LINGER, limits.idle_timeout),
+        "logger": logger,
     }
+
+
+class _BadRequests(logging.Filter):
+    """Drops aiohttp's reports of malformed requests, counting each one."""
+
+    def __init__(self, on_bad_request: Callable[[], None]) -> None:
+        super().__init__()
+        self._count = on_bad_request
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            self._count()
+            return False
+        return True
 
 
 class Gate:

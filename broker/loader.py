@@ -483,6 +483,24 @@ def _check_references(config: Config, name: str) -> None:
 
     _check_addresses(config, name)
     _check_sink_targets(config, name)
+    _check_key_names(config, name)
+
+
+def _check_key_names(config: Config, name: str) -> None:
+    """A caller key's name is its holder's identity in rate limits, the
+    audit and the metrics: one name, one key file, across all clients."""
+    holders: dict[str, tuple[str, str]] = {}
+    for client, spec in config.clients.items():
+        keys = spec.callers.keys if spec.callers else ()
+        for index, key in enumerate(keys):
+            first = holders.setdefault(key.name, (os.path.realpath(key.file), client))
+            if first[0] != os.path.realpath(key.file):
+                raise ConfigError(
+                    name,
+                    ["clients", client, "callers", "keys", index, "name"],
+                    f"client {first[1]} has a caller key named {key.name!r} in "
+                    "another file; give each key holder a name of its own",
+                )
 
 
 def _check_sink_targets(config: Config, name: str) -> None:

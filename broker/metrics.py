@@ -15,12 +15,13 @@ from broker import __version__
 HOOK_RESULTS = ("success", "failure", "timeout", "skipped")
 RELOAD_RESULTS = ("applied", "unchanged", "refused", "failed")
 # What each listener can refuse for; their series start at zero.
-_REFUSALS_EVERYWHERE = ("too_many_connections",)
+_REFUSALS_EVERYWHERE = ("too_many_connections", "bad_request")
 _REFUSALS_API = (
     *_REFUSALS_EVERYWHERE,
     "missing_header",
     "caller_not_allowed",
     "rate_limited",
+    "too_many_scope_sets",
     "too_large",
 )
 REFUSALS = {

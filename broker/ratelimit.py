@@ -47,3 +47,29 @@ class RateLimiter:
 def retry_after(seconds: float) -> str:
     """A ``Retry-After`` value: whole seconds, at least one."""
     return str(max(1, math.ceil(seconds)))
+
+
+class Throttle:
+    """Lets one event per key through every ``interval``, counting the rest.
+
+    For log lines a caller can cause at will (refusals): the first one shows
+    at once, and the next one says how many were left out meanwhile.
+    """
+
+    def __init__(
+        self, interval: float, now: Callable[[], float], size: int = MAX_CALLERS
+    ) -> None:
+        self.interval = interval
+        self._now = now
+        self._seen: LRUCache[object, tuple[float, int]] = LRUCache(maxsize=size)
+
+    def admit(self, key: object) -> int | None:
+        """``None`` to stay quiet, else how many were held back before this."""
+        now = self._now()
+        last, held = self._seen.get(key, (-math.inf, 0))
+
+        if now - last < self.interval:
+            self._seen[key] = (last, held + 1)
+            return None
+        self._seen[key] = (now, 0)
+        return held

@@ -112,6 +112,22 @@ def restart_keys(old: Config, new: Config) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def access_changes(old: Config, new: Config) -> list[str]:
+    """Who-may-take-what settings a reload changed, as key paths: they apply
+    at once, and an operator must see that they did."""
+    keys = [
+        f"listen.{key}"
+        for key in _LIVE_LISTEN_KEYS
+        if getattr(old.listen, key) != getattr(new.listen, key)
+    ]
+    keys += [
+        f"clients.{name}.callers"
+        for name, spec in new.clients.items()
+        if name in old.clients and old.clients[name].callers != spec.callers
+    ]
+    return keys
+
+
 @dataclass(frozen=True)
 class Source:
     """Where the running config came from, so a reload reads it the same way.
@@ -267,6 +283,7 @@ class Reloader:
             changed=list(result.plan.changed),
             added=list(result.plan.added),
             removed=list(result.plan.removed),
+            access=access_changes(before, loaded.config),
         )
         if loaded.config.log != before.log:
             # After the line above, so the reload shows under the old settings.

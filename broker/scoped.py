@@ -19,6 +19,7 @@ from cachetools import TLRUCache
 from broker.clock import Clock
 from broker.issuer import IssuerClient
 from broker.metrics import Metrics
+from broker.ratelimit import RateLimiter
 from broker.refresh import OnToken, Refresher
 from broker.registry import Registry
 from broker.token import Token
@@ -40,6 +41,10 @@ Build = Callable[[str, Variant, Callable[[], bool], OnToken], Refresher]
 # An entry whose first token has not come yet lives this long at most.
 PENDING_SECONDS = 60.0
 DEFAULT_MAX_ENTRIES = 256
+# New scope sets (or audiences) a client may start per minute. A caller
+# cycling through more sets than the cache holds would otherwise make every
+# one of its requests a request to the issuer.
+NEW_SETS_PER_MINUTE = 60
 
 
 def normalise(requested: str) -> tuple[str, ...]:
@@ -89,9 +94,18 @@ class ScopedTokens:
     ) -> None:
         self._build = build
         self._cache = _Cache(max_entries, ttu=_until_expiry, timer=clock.now)
+        per_minute = NEW_SETS_PER_MINUTE
+        self._new = RateLimiter(per_minute / 60, per_minute, clock.now)
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    def admit(self, client: str, variant: Variant) -> float:
+        """0 when ``variant`` is cached or may be started now; else the
+        seconds until ``client`` may start another one."""
+        if (client, variant) in self._cache:
+            return 0.0
+        return self._new.wait(client)
 
     def refresher(self, client: str, variant: Variant) -> Refresher:
         """The refresher of ``client`` for ``variant``, started on first use.

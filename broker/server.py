@@ -205,9 +205,12 @@ async def _listen(
     limits = listen.limits
     raise_descriptor_limit(limits.connections * 3 + 64)
 
-    async def runner_for(app: web.Application) -> web.AppRunner:
+    async def runner_for(app: web.Application, listener: str) -> web.AppRunner:
+        bad = partial(metrics.refusal, listener, "bad_request")
         runner = web.AppRunner(
-            app, shutdown_timeout=listen.drain_timeout, **runner_options(limits)
+            app,
+            shutdown_timeout=listen.drain_timeout,
+            **runner_options(limits, listener, bad),
         )
         await runner.setup()
         listeners.runners.append(runner)
@@ -218,7 +221,7 @@ async def _listen(
         return Gate(limits.connections, partial(_too_many, metrics, listener))
 
     if listen.http is not None:
-        runner = await runner_for(apis(listener="tcp"))
+        runner = await runner_for(apis(listener="tcp"), "tcp")
         http = listen.http
         await GatedTCPSite(runner, http.host, http.port, gate("tcp")).start()
         listeners.http = _bound(runner)
@@ -228,10 +231,10 @@ async def _listen(
         )
         listeners.socket_identity = identity
         listeners.unix = listen.unix
-        runner = await runner_for(apis(listener="unix"))
+        runner = await runner_for(apis(listener="unix"), "unix")
         await GatedSockSite(runner, sock, gate("unix")).start()
     if listen.metrics is not None:
-        runner = await runner_for(metrics_app.create_app(registry, metrics))
+        runner = await runner_for(metrics_app.create_app(registry, metrics), "metrics")
         address = listen.metrics
         await GatedTCPSite(runner, address.host, address.port, gate("metrics")).start()
         listeners.metrics = _bound(runner)

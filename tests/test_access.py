@@ -146,6 +146,23 @@ async def test_socket_callers_are_checked_by_uid(setup: Setup) -> None:
     ]
 
 
+async def test_refusals_in_a_loop_cost_one_log_line_per_interval(
+    setup: Setup,
+) -> None:
+    """A caller refused again and again is counted every time but logged
+    once per interval; the next line says how many it left out."""
+    with structlog.testing.capture_logs() as logs:
+        async with setup.unix() as unix:
+            for _ in range(5):
+                await get(unix, "/v1/tokens/theirs")
+            await setup.clock.advance(api.REFUSAL_LOG_INTERVAL)
+            await get(unix, "/v1/tokens/theirs")
+
+    refused = [e for e in logs if e["event"] == "api.refused"]
+    assert [e["suppressed"] for e in refused] == [0, 4]
+    assert setup.refused("unix", "caller_not_allowed") == 6
+
+
 async def test_caller_keys_work_on_both_listeners(
     setup: Setup, aiohttp_client: AiohttpClient
 ) -> None:

@@ -22,6 +22,7 @@ from broker.callers import (
 from broker.config import Config
 from broker.errors import ConfigError
 from broker.loader import load_text
+from broker.redact import redact
 
 KEY_A = "a" * 16 + "-first-key"
 KEY_B = "b" * 16 + "-second-key"
@@ -134,9 +135,10 @@ def test_a_vanished_key_file_lets_nobody_in_and_says_so(workdir: Path) -> None:
     [
         ("", "holds no key"),
         ("\n\n", "holds no key"),
-        ("short-key\n", "shorter than 16"),
-        ("has a space in it!\n", "spaces"),
-        ("tab\tinside-the-key-ok\n", "control characters"),
+        ("short-key\n", "16 or more"),
+        ("has a space in it!\n", "no spaces"),
+        ("tab\tinside-the-key-ok\n", "visible ASCII"),
+        ("non-ascii-кириллица-key\n", "visible ASCII"),
     ],
 )
 def test_unusable_key_files_are_refused_without_quoting(
@@ -151,6 +153,45 @@ def test_unusable_key_files_are_refused_without_quoting(
 
     if content.strip():
         assert content.strip() not in str(caught.value)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_key(workdir: Path) -> None:
+    """An editor's BOM before the first key is dropped; CRLF lines work."""
+    path = workdir / "k"
+    path.write_bytes(b"\xef\xbb\xbf" + KEY_A.encode() + b"\r\n" + KEY_B.encode())
+
+    assert read_keys(str(path)) == (KEY_A, KEY_B)
+
+
+def test_a_key_read_is_masked_in_any_log_line(workdir: Path) -> None:
+    """Once read, a key is masked by value, whatever its characters: a log
+    line quoting a raw request cannot show it."""
+    odd = "Odd!Caller#Key%QQQQ=7777"
+    read_keys(str(key_file(workdir, "k", odd)))
+
+    cleaned = redact(None, "error", {"event": f"b'Authorization: Bearer {odd}\\r'"})
+
+    assert odd not in str(cleaned)
+
+
+def test_a_caller_never_shows_its_key() -> None:
+    """repr of a Caller (in a traceback, say) leaves the key out."""
+    assert KEY_A not in repr(Caller("tcp", None, KEY_A))
+
+
+def test_a_key_file_made_unreadable_is_read_again(workdir: Path) -> None:
+    """chmod changes only the file's ctime: that is enough to read it again
+    (and, for a broker not running as root, to fail closed)."""
+    path = key_file(workdir, "k", KEY_A)
+    keys = (CallerKey(file=str(path)),)
+    assert matching_key(keys, KEY_A) == "k"
+
+    with structlog.testing.capture_logs() as logs:
+        path.chmod(0o400)
+        assert matching_key(keys, KEY_A) == "k"
+        assert matching_key(keys, KEY_A) == "k"
+
+    assert [e["event"] for e in logs] == ["callers.keys_reloaded"]
 
 
 def test_callers_in_a_config_file(workdir: Path) -> None:
@@ -187,6 +228,12 @@ def test_callers_in_a_config_file(workdir: Path) -> None:
             "clients.chat.callers",
             "same name",
         ),
+        (
+            "{keys: [{file: k}]}\n  other:\n    environment: dev\n    client_id: o\n"
+            "    client_secret: {env: NOPE}\n    callers: {keys: [{file: sub/k}]}",
+            "clients.other.callers.keys[0].name",
+            "a name of its own",
+        ),
         ("{people: [1]}", "clients.chat.callers.people", ""),
     ],
 )
@@ -195,6 +242,8 @@ def test_bad_callers_name_the_key_path(
 ) -> None:
     """Every mistake in callers is a ConfigError with its key path."""
     key_file(workdir, "k", KEY_A)
+    (workdir / "sub").mkdir()
+    key_file(workdir / "sub", "k", KEY_B)
 
     with pytest.raises(ConfigError) as caught:
         _load(workdir, _config(f"callers: {callers_yaml}"))

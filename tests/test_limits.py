@@ -178,6 +178,35 @@ async def test_requests_past_the_header_limits_get_a_4xx(
     assert await broker.token("unix") == 200
 
 
+async def test_a_malformed_request_is_counted_and_never_logged(
+    launch: Launch,
+) -> None:
+    """aiohttp's report of a request it cannot parse quotes the raw headers
+    (a caller key among them): it is dropped, and counted as bad_request."""
+    broker = await launch("{header_bytes: 1024}")
+    key = b"Odd!Caller#Key-QQQQ7777\r"
+    reader, writer = await broker.open("tcp")
+    writer.write(
+        request(
+            "/v1/tokens/chat",
+            extra=b"Authorization: Bearer "
+            + key
+            + b"\r\nX-Pad: "
+            + b"a" * 1500
+            + b"\r\n",
+        )
+    )
+    status, _, _ = await read_answer(reader)
+    writer.close()
+
+    assert status == 400
+    assert await broker.refused("tcp", "bad_request") == 1
+    assert await broker.broker.stop() == 0
+    output = broker.broker.output()
+    assert "Odd!Caller" not in output
+    assert "Error handling request" not in output
+
+
 def test_the_soft_descriptor_limit_is_lifted_to_the_hard_one() -> None:
     """raise_descriptor_limit lifts a low soft limit to the hard limit, and
     says nothing when that is enough."""

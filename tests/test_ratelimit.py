@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.ratelimit import RateLimiter, retry_after
+from broker.ratelimit import RateLimiter, Throttle, retry_after
 from tests.fakes import FakeClock
 
 
@@ -114,3 +114,21 @@ def test_the_table_forgets_the_least_recently_seen_caller() -> None:
     assert limits.wait("newcomer") == 0.0
     assert limits.wait("old") > 0
     assert limits.wait("recent") == 0.0
+
+
+def test_a_throttle_lets_one_through_per_interval_and_counts_the_rest() -> None:
+    """The first event of a key shows; the next shown one says how many
+    were held back; keys do not share an interval."""
+    clock = FakeClock()
+    throttle = Throttle(10.0, clock.now)
+
+    first = throttle.admit("a")
+    held = [throttle.admit("a") for _ in range(4)]
+    other = throttle.admit("b")
+    clock.suspend(10.0)
+    later = throttle.admit("a")
+
+    assert first == 0
+    assert held == [None] * 4
+    assert other == 0
+    assert later == 4

@@ -28,7 +28,15 @@ from broker.loader import load, load_text
 from broker.metrics import RELOAD_RESULTS, Metrics
 from broker.refresh import Fetch
 from broker.registry import FetchFactory, Registry
-from broker.reload import Plan, Reloader, Result, Source, diff, restart_keys
+from broker.reload import (
+    Plan,
+    Reloader,
+    Result,
+    Source,
+    access_changes,
+    diff,
+    restart_keys,
+)
 from tests import process
 from tests.fakes import FakeClock, Outcome, ScriptedFetch, grant, settle
 from tests.process import Broker
@@ -173,6 +181,18 @@ def test_guard_and_quit_callers_reload_but_limits_and_audit_need_a_restart() -> 
 
     assert restart_keys(old, live) == ()
     assert restart_keys(old, bound) == ("listen.limits", "audit")
+
+
+def test_access_changes_are_named_for_the_reload_log() -> None:
+    """A reload that changes who may take tokens says so, key by key."""
+    old = config({"chat": spec(), "files": spec()})
+    new = config(
+        {"chat": spec(callers={"uids": [0]}), "files": spec()},
+        listen={"guard": {"hosts": ["b.local"]}},
+    )
+
+    assert access_changes(old, new) == ["listen.guard", "clients.chat.callers"]
+    assert access_changes(old, old) == []
 
 
 def test_a_change_of_callers_alone_keeps_the_client() -> None:

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from broker import api
+from broker import api, scoped
 from broker.loader import load_text
 from broker.metrics import Metrics
 from broker.refresh import OnToken, Refresher
@@ -200,6 +200,36 @@ async def test_the_cache_is_bounded(unix: Client, setup: Setup) -> None:
     finally:
         small.scoped.close()
         await small.registry.stop()
+
+
+async def test_new_scope_sets_are_limited_per_client(
+    monkeypatch: pytest.MonkeyPatch, aiohttp_client: AiohttpClient
+) -> None:
+    """A caller cycling through scope sets cannot make each request one to
+    the issuer: past NEW_SETS_PER_MINUTE new sets, 429 until time passes;
+    sets already cached are still served."""
+    monkeypatch.setattr(scoped, "NEW_SETS_PER_MINUTE", 2)
+    limited = Setup()
+    limited.registry.start()
+    await settle()
+    unix = await aiohttp_client(limited.app("unix"))
+    try:
+        first = await unix.get("/v1/tokens/chat?scope=a")
+        second = await unix.get("/v1/tokens/chat?scope=b")
+        third = await unix.get("/v1/tokens/chat?scope=c")
+        cached = await unix.get("/v1/tokens/chat?scope=a")
+        await limited.clock.advance(30.0)
+        later = await unix.get("/v1/tokens/chat?scope=c")
+
+        assert [first.status, second.status, cached.status] == [200, 200, 200]
+        assert third.status == 429
+        assert (await third.json())["reason"] == "too_many_scope_sets"
+        assert third.headers["Retry-After"] == "30"
+        assert later.status == 200
+        assert len(limited.fetches) == 3
+    finally:
+        limited.scoped.close()
+        await limited.registry.stop()
 
 
 async def test_forced_refresh_is_coalesced_and_limited(

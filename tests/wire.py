@@ -102,8 +102,10 @@ class Running:
             assert body.startswith(b"ey")
         return status
 
-    async def refused(self, listener: str) -> float:
-        """The broker's count of connections it turned away on ``listener``."""
+    async def refused(
+        self, listener: str, reason: str = "too_many_connections"
+    ) -> float:
+        """The broker's count of refusals for ``reason`` on ``listener``."""
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"http://{self.metrics}/metrics") as answer,
@@ -113,8 +115,7 @@ class Running:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == "token_broker_requests_refused_total" and (
-                    sample.labels
-                    == {"listener": listener, "reason": "too_many_connections"}
+                    sample.labels == {"listener": listener, "reason": reason}
                 ):
                     return sample.value
         raise AssertionError(f"no refusal series for {listener}")
