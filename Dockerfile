@@ -8,7 +8,8 @@
 # the official slim image; a machine without a registry passes a local one
 # (scripts/image.sh builds a Debian root with debootstrap and imports it).
 # The stage below builds a wheel from the source tree and installs it, with its
-# dependencies from PyPI, into /opt/token-broker; the runtime stage copies only
+# dependencies from PyPI at the versions docker/constraints.txt pins, into
+# /opt/token-broker; the runtime stage copies only
 # that virtualenv, so no compiler, pip cache or source reaches the image.
 ARG BASE=python:3.11-slim-bookworm
 
@@ -16,7 +17,7 @@ ARG BASE=python:3.11-slim-bookworm
 # hadolint ignore=DL3006
 FROM ${BASE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md docker/constraints.txt ./
 COPY broker/ broker/
 # pip builds the wheel in an isolated environment of its own; pip and
 # setuptools then leave the runtime venv: nothing installs at run time.
@@ -24,7 +25,7 @@ RUN python3 -m venv /opt/token-broker \
     && /opt/token-broker/bin/pip wheel --no-cache-dir --progress-bar off \
        --no-deps --wheel-dir /wheels . \
     && /opt/token-broker/bin/pip install --no-cache-dir --progress-bar off \
-       /wheels/token_broker-*.whl \
+       --constraint constraints.txt /wheels/token_broker-*.whl \
     && /opt/token-broker/bin/pip uninstall --yes pip setuptools \
     && /opt/token-broker/bin/token-broker --version
 
