@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests import process
 
@@ -25,3 +28,21 @@ def workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="tb-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def held_issuer() -> AsyncIterator[tuple[TestServer, asyncio.Event]]:
+    """An issuer that answers only once the test releases it."""
+    release = asyncio.Event()
+
+    async def token(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({"access_token": "held-token", "expires_in": 600})
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    yield server, release
+    release.set()
+    await server.close()

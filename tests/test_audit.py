@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
@@ -273,24 +272,6 @@ async def test_the_final_flush_writes_the_audit_at_warning_level(
     assert len(tokens) == 2
     for needle in (*tokens, SECRET, CALLER_KEY):
         assert needle not in everything
-
-
-@pytest.fixture
-async def held_issuer() -> AsyncIterator[tuple[TestServer, asyncio.Event]]:
-    """An issuer that answers only once the test releases it."""
-    release = asyncio.Event()
-
-    async def token(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.json_response({"access_token": "held-token-9", "expires_in": 600})
-
-    app = web.Application()
-    app.router.add_post("/token", token)
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    yield server, release
-    release.set()
-    await server.close()
 
 
 async def test_a_hand_out_finished_during_the_drain_is_audited(

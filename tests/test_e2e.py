@@ -7,13 +7,11 @@ import json
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import jwt
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 import broker
@@ -164,24 +162,6 @@ async def test_a_live_brokers_socket_is_not_stolen(workdir: Path) -> None:
     assert "another process is listening on" in out
     assert (workdir / "broker.sock").exists()
     assert await first.stop() == 0
-
-
-@pytest.fixture
-async def held_issuer() -> AsyncIterator[tuple[TestServer, asyncio.Event]]:
-    """An issuer that answers only once the test releases it."""
-    release = asyncio.Event()
-
-    async def token(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.json_response({"access_token": "held-token", "expires_in": 600})
-
-    app = web.Application()
-    app.router.add_post("/token", token)
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    yield server, release
-    release.set()
-    await server.close()
 
 
 def held_config(workdir: Path, port: int, drain: str = "30s") -> Path:
