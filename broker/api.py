@@ -44,6 +44,7 @@ REFUSAL_LOG_INTERVAL = 10.0
 _TOKEN_PARAMS = frozenset({"format", "min_ttl", "scope", "audience"})
 # Plain decimal seconds: float() alone would take "1_000", "inf" or Arabic-Indic digits.
 _SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?", re.ASCII)
+_REFUSAL_CODES = {403: "forbidden", 413: "invalid_request", 429: "rate_limited"}
 # No route takes a body; a small one (a client's habitual "{}") is ignored.
 MAX_BODY = 4096
 
@@ -129,11 +130,16 @@ def refuse(
             client=client,
             suppressed=suppressed,
         )
-    code = "rate_limited" if status == 429 else "forbidden"
-    if status == 413:
-        code = "invalid_request"
+    return error(status, _REFUSAL_CODES[status], message, client, reason=reason)
 
-    return error(status, code, message, client, reason=reason)
+
+def _too_many(
+    request: web.Request, message: str, reason: str, wait: float, client: str
+) -> web.Response:
+    """A 429 refusal that says when to ask again."""
+    answer = refuse(request, 429, message, reason, client)
+    answer.headers["Retry-After"] = retry_after(wait)
+    return answer
 
 
 async def no_store(request: web.Request, response: web.StreamResponse) -> None:
@@ -280,9 +286,7 @@ async def _take(
         wait = request.app[SCOPED].admit(name, variant)
         if wait:
             message = "too many new scope sets for this client; ask again later"
-            answer = refuse(request, 429, message, "too_many_scope_sets", name)
-            answer.headers["Retry-After"] = retry_after(wait)
-            return answer
+            return _too_many(request, message, "too_many_scope_sets", wait, name)
         refresher = request.app[SCOPED].refresher(name, variant)
     metrics = request.app[METRICS]
     try:
@@ -300,7 +304,7 @@ async def _take(
 
 
 def _rate_limited(
-    request: web.Request, caller: str, client: str | None = None
+    request: web.Request, caller: str, client: str
 ) -> web.Response | None:
     limiter = request.app.get(LIMITER)
     if limiter is None:
@@ -310,9 +314,7 @@ def _rate_limited(
         return None
 
     message = f"more than {limiter.rate:g} requests per second from this caller"
-    answer = refuse(request, 429, message, "rate_limited", client)
-    answer.headers["Retry-After"] = retry_after(wait)
-    return answer
+    return _too_many(request, message, "rate_limited", wait, client)
 
 
 def _audit(

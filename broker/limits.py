@@ -91,7 +91,7 @@ class Gate:
     def __init__(self, cap: int, on_refused: Callable[[], None]) -> None:
         self.cap = cap
         self.open = 0
-        self._on_refused = on_refused
+        self.refused = on_refused
 
     def protocol(self, make: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
         """A protocol that admits the connection or answers 503 and closes it."""
@@ -114,7 +114,7 @@ class _Gated(asyncio.Protocol):
             writer = cast(asyncio.WriteTransport, transport)
             writer.write(_REFUSAL)
             writer.close()
-            gate._on_refused()
+            gate.refused()
             return
 
         gate.open += 1
